@@ -1,0 +1,34 @@
+# cmal tasks. On a fresh machine `just demo` and `just test` do all the set-up themselves.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+bin := venv + "/bin"
+
+# Create .venv and install cmal with its test tools (skipped when nothing changed).
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    stamp="{{venv}}/.installed-$(cat pyproject.toml requirements/pins.txt | sha256sum | cut -c1-16)"
+    if [ ! -f "$stamp" ]; then
+        python3 -m venv {{venv}}
+        {{bin}}/pip install -q -U pip
+        # pins.txt is the set verified on the project's CPU machines (torch 2.14.1 +
+        # torchvision 0.29.1 from the local wheel store); GPU users install without it.
+        {{bin}}/pip install -q -c requirements/pins.txt -e '.[test]'
+        rm -f {{venv}}/.installed-*
+        touch "$stamp"
+    fi
+
+# Lint, format check and the whole test suite.
+test: setup
+    {{bin}}/ruff check cmal tests
+    {{bin}}/ruff format --check cmal tests
+    {{bin}}/python -m pytest -q
+
+# The main job on the embedded default (see README).
+demo: setup
+    {{bin}}/cmal demo
+
+# Parameters and FLOPs of a model size: just summary base
+summary size="base": setup
+    {{bin}}/cmal model summary -q --config configs/model/{{size}}.yaml

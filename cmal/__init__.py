@@ -1,0 +1,1 @@
+"""CMAL: Cross-Modal Associative Learning for vision-language pre-training."""

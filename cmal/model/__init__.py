@@ -1,0 +1,1 @@
+"""The CMAL model: pure torch, no I/O, no distributed code."""

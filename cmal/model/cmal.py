@@ -1,0 +1,280 @@
+"""The CMAL model: uni-modal encoders on hyperspheres -> associative prompt -> unified
+encoder -> AMC / MLM / ITM (/ ITC for the contrastive baseline).
+
+    from cmal.config import load_config
+    from cmal.model.cmal import CMAL
+    model = CMAL(load_config("configs/model/tiny.yaml").model)
+    losses = model.pretrain_losses(batch)      # dict: loss, amc, mlm, itm
+    hidden = model(batch)                      # fine-tuning / inference: no masking
+
+Reconstruction from the paper's abstract: the structure is the paper's, every default is
+ours and is a field of :class:`cmal.config.ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmal.config import ModelConfig
+from cmal.model.encoders import BOX_DIMS, Hypersphere, TextEncoder, VisualEncoder
+from cmal.model.heads import (
+    ConceptClassifier,
+    ContrastiveHead,
+    MaskedLMHead,
+    MatchingHead,
+    PairingPointer,
+)
+from cmal.model.prompt import Anchors, AssociativePrompt, Prompt
+from cmal.model.transformer import init_bert_, matmul_flops
+from cmal.model.unified import UnifiedEncoder
+
+MASK_TOKEN_ID = 103
+"""[MASK] in the bert-base-uncased vocabulary (also MiniLM's)."""
+SPECIAL_TOKEN_IDS = (0, 100, 101, 102, 103)
+"""[PAD], [UNK], [CLS], [SEP], [MASK]: never chosen for MLM."""
+
+
+@dataclass
+class Batch:
+    """A padded batch of image-text pairs, as the collate function builds it."""
+
+    input_ids: torch.Tensor
+    """(B, Lt) long WordPiece ids, [CLS] first."""
+    text_mask: torch.Tensor
+    """(B, Lt) bool, True on real tokens."""
+    region_feats: torch.Tensor
+    """(B, R, F) float detector features."""
+    boxes: torch.Tensor
+    """(B, R, 4) float x1, y1, x2, y2 normalised by image width/height."""
+    region_mask: torch.Tensor
+    """(B, R) bool, True on real regions."""
+    region_concepts: torch.Tensor
+    """(B, R) long concept id of each region's tag, -1 where it has none."""
+    anchors: Anchors
+    """Anchor pairs, padded."""
+
+    def to(self, device: torch.device | str) -> Batch:
+        """Copy to ``device`` (non-blocking where the source is pinned)."""
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Anchors):
+                v = Anchors(*(getattr(v, g.name).to(device, non_blocking=True) for g in fields(v)))
+            else:
+                v = v.to(device, non_blocking=True)
+            moved[f.name] = v
+        return Batch(**moved)
+
+
+def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy that is 0 (with a graph) rather than NaN on an empty selection."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), target)
+
+
+class CMAL(nn.Module):
+    """Cross-Modal Associative Learning."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, losses = cfg.unified.hidden, cfg.losses
+        self.text = TextEncoder(cfg.text, cfg.dropout)
+        self.visual = VisualEncoder(cfg.visual, cfg.dropout)
+        self.text_sphere = Hypersphere(cfg.text.hidden, d, cfg.sphere)
+        self.region_sphere = Hypersphere(cfg.visual.hidden, d, cfg.sphere)
+        self.prompt = AssociativePrompt(cfg.prompt, d)
+        self.unified = UnifiedEncoder(cfg.unified, cfg.text.max_positions, cfg.dropout)
+        # Pre-training heads exist only when their loss is on, so every parameter trains.
+        self.amc = None
+        if losses.amc and cfg.prompt.enabled:
+            concept = losses.amc_labels == "concept"
+            self.amc = ConceptClassifier(d, cfg.num_concepts) if concept else PairingPointer(d)
+        self.mlm = MaskedLMHead(d, cfg.text.vocab_size) if losses.mlm else None
+        self.itm = MatchingHead(d) if losses.itm else None
+        self.itc = ContrastiveHead(d, losses.itc_temperature) if losses.itc else None
+        init_bert_(self)
+
+    # ------------------------------------------------------------------ forward paths
+
+    def spheres(self, input_ids, text_mask, feats, boxes, region_mask):
+        """Uni-modal encoders, each onto its hypersphere: (B, Lt, d), (B, R, d)."""
+        t = self.text_sphere(self.text(input_ids, text_mask))
+        v = self.region_sphere(self.visual(feats.to(t.dtype), boxes.to(t.dtype), region_mask))
+        return t, v
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Fine-tuning / inference: (B, Lt + R, d) unified hidden states, no masking."""
+        t, v = self.spheres(
+            batch.input_ids, batch.text_mask, batch.region_feats, batch.boxes, batch.region_mask
+        )
+        return self.unified(t, v, batch.text_mask, batch.region_mask, batch.boxes.to(t.dtype))
+
+    def pretrain_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """All enabled pre-training losses of one batch, and their weighted sum ``loss``."""
+        _cfg, losses = self.cfg, self.cfg.losses
+        dev = batch.input_ids.device
+        n, lt = batch.input_ids.shape
+        input_ids, text_mask, anchors = batch.input_ids, batch.text_mask, batch.anchors
+
+        # ITM negatives replace the caption in place, so one forward pass serves all losses.
+        negative = torch.zeros(n, dtype=torch.bool, device=dev)
+        if self.itm is not None and n > 1:
+            negative = torch.rand(n, device=dev) < losses.itm_neg_prob
+            donor = self._negative_donors(batch)
+            input_ids = torch.where(negative[:, None], input_ids[donor], input_ids)
+            text_mask = torch.where(negative[:, None], text_mask[donor], text_mask)
+            anchors = Anchors(
+                anchors.text_pos,
+                anchors.region,
+                anchors.concept,
+                anchors.valid & ~negative[:, None],
+            )
+
+        mlm_sites = torch.zeros_like(text_mask)
+        if self.mlm is not None:
+            input_ids, mlm_sites = self._mask_tokens(input_ids, text_mask, anchors, negative)
+
+        t, v = self.spheres(
+            input_ids, text_mask, batch.region_feats, batch.boxes, batch.region_mask
+        )
+        out: dict[str, torch.Tensor] = {}
+        if self.itc is not None:
+            keep = ~negative
+            pooled = _masked_mean(v[keep], batch.region_mask[keep])
+            out["itc"] = self.itc(t[keep, 0], pooled) if keep.sum() > 1 else t.sum() * 0.0
+
+        pointer = losses.amc_labels == "pointer" and self.amc is not None
+        prompt = self.prompt(t, v, anchors, noise=losses.pointer_noise if pointer else 0.0)
+        boxes = batch.boxes.to(t.dtype)
+        hidden = self.unified(prompt.text, prompt.regions, text_mask, batch.region_mask, boxes)
+        ht, hr = hidden[:, :lt], hidden[:, lt:]
+
+        if self.amc is not None:
+            out["amc"] = self._amc_loss(ht, hr, text_mask, batch.region_mask, anchors, prompt)
+        if self.mlm is not None:
+            out["mlm"] = _ce(self.mlm(ht[mlm_sites]), batch.input_ids[mlm_sites])
+        if self.itm is not None:
+            out["itm"] = _ce(self.itm(hidden[:, 0]), (~negative).long())
+        weights = {
+            "amc": losses.amc_weight,
+            "mlm": losses.mlm_weight,
+            "itm": losses.itm_weight,
+            "itc": losses.itc_weight,
+        }
+        out["loss"] = sum(weights[k] * v for k, v in out.items())
+        return out
+
+    # ------------------------------------------------------------------ loss pieces
+
+    def _negative_donors(self, batch: Batch) -> torch.Tensor:
+        """For every sample, the index of another sample whose caption it may borrow."""
+        n = batch.input_ids.shape[0]
+        dev = batch.input_ids.device
+        if not self.cfg.losses.itm_hard_negatives:
+            # A random other sample: shift by 1..n-1, so never oneself.
+            return (torch.arange(n, device=dev) + torch.randint(1, n, (n,), device=dev)) % n
+        concepts = batch.region_concepts.clamp(min=0)
+        present = F.one_hot(concepts, self.cfg.num_concepts).float()
+        present = (present * (batch.region_concepts >= 0)[..., None]).amax(1)
+        overlap = present @ present.t() + torch.rand(n, n, device=dev)  # random tie-break
+        overlap.fill_diagonal_(-1.0)
+        return overlap.argmax(1)
+
+    def _mask_tokens(self, ids, text_mask, anchors: Anchors, negative):
+        """BERT masking of ``mlm_prob`` of the non-anchor, non-special tokens of positives."""
+        special = torch.zeros_like(text_mask)
+        for sid in SPECIAL_TOKEN_IDS:
+            special |= ids == sid
+        is_anchor = torch.zeros_like(text_mask)
+        b, a = anchors.valid.nonzero(as_tuple=True)
+        is_anchor[b, anchors.text_pos[b, a]] = True
+        eligible = text_mask & ~special & ~is_anchor & ~negative[:, None]
+        sites = eligible & (torch.rand(ids.shape, device=ids.device) < self.cfg.losses.mlm_prob)
+        r = torch.rand(ids.shape, device=ids.device)
+        noise = torch.randint_like(ids, self.cfg.text.vocab_size)
+        masked = torch.where(sites & (r < 0.8), torch.full_like(ids, MASK_TOKEN_ID), ids)
+        masked = torch.where(sites & (r >= 0.8) & (r < 0.9), noise, masked)
+        return masked, sites
+
+    def _amc_loss(self, ht, hr, text_mask, region_mask, anchors: Anchors, prompt) -> torch.Tensor:
+        """Cross-entropy at every swapped slot: its concept, or (pointer) its partner slot."""
+        total, terms = ht.new_zeros(()), 0
+        for side, b, site, label in amc_targets(anchors, prompt, self.cfg.losses.amc_labels):
+            h, others, others_mask = (
+                (ht, hr, region_mask) if side == "text" else (hr, ht, text_mask)
+            )
+            if isinstance(self.amc, ConceptClassifier):
+                logits = self.amc(h[b, site])
+            else:
+                logits = self.amc(h[b, site], others, others_mask, b)
+            total, terms = total + _ce(logits, label), terms + 1
+        return total / max(terms, 1)
+
+    # ------------------------------------------------------------------ accounting
+
+    def flops_per_sample(
+        self,
+        text_len: int | None = None,
+        regions: int | None = None,
+        mlm_sites: float | None = None,
+        amc_sites: float | None = None,
+        batch_size: int = 1,
+        train: bool = True,
+    ) -> float:
+        """Analytic matmul FLOPs of one sample of a pre-training step at padded shapes.
+
+        Defaults: ``max_text_len``, ``max_regions``, ``mlm_prob`` of the text, and one
+        anchor pair in three swapped. ``train`` counts forward + backward: 3x forward,
+        minus the input-gradient half of the layers whose inputs need none (detector
+        features and boxes enter through them).
+        """
+        cfg = self.cfg
+        lt = cfg.max_text_len if text_len is None else text_len
+        r = cfg.max_regions if regions is None else regions
+        mlm_sites = cfg.losses.mlm_prob * lt if mlm_sites is None else mlm_sites
+        amc_sites = lt / 3 if amc_sites is None else amc_sites
+        tx, vi, un, d = cfg.text, cfg.visual, cfg.unified, cfg.unified.hidden
+        input_layers = 2 * r * (cfg.visual.feature_dim * vi.hidden + BOX_DIMS * vi.hidden)
+        input_layers += 2 * r * BOX_DIMS * d  # unified region positions
+        fwd = input_layers
+        fwd += matmul_flops(tx.layers, tx.hidden, tx.ff, lt)
+        fwd += matmul_flops(vi.layers, vi.hidden, vi.ff, r)
+        fwd += 2 * (lt * tx.hidden + r * vi.hidden) * d  # hypersphere projections
+        fwd += matmul_flops(un.layers, d, un.ff, lt + r)
+        if self.mlm is not None:
+            fwd += mlm_sites * 2 * (d * d + d * tx.vocab_size)
+        if self.itm is not None:
+            fwd += 2 * (d * d + 2 * d)
+        if self.itc is not None:
+            fwd += 2 * 2 * d * d + 2 * batch_size * d
+        if isinstance(self.amc, ConceptClassifier):
+            fwd += amc_sites * 2 * (d * d + d * cfg.num_concepts)
+        elif isinstance(self.amc, PairingPointer):
+            # keys of every slot, a query per site, and each site scores about half the slots
+            fwd += 2 * (lt + r) * d * d + amc_sites * 2 * (d * d + (lt + r) / 2 * d)
+        return 3 * fwd - input_layers if train else fwd
+
+
+def amc_targets(anchors: Anchors, prompt: Prompt, labels: str):
+    """The AMC prediction sites and labels, per filled side.
+
+    Yields (side, sample index, slot index, label) with side "text" or "region". Concept
+    labels are the anchor's concept id; pointer labels are the partner slot's index.
+    """
+    b, a = prompt.swapped.nonzero(as_tuple=True)
+    j, i, c = anchors.text_pos[b, a], anchors.region[b, a], anchors.concept[b, a]
+    if prompt.text_filled:
+        yield "text", b, j, (c if labels == "concept" else i)
+    if prompt.region_filled:
+        yield "region", b, i, (c if labels == "concept" else j)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask[..., None].to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)

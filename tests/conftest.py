@@ -1,0 +1,80 @@
+"""Shared test helpers: tiny configs and generated batches (no fixtures from disk)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+from cmal.config import load_config  # noqa: E402
+from cmal.model.cmal import Batch  # noqa: E402
+from cmal.model.prompt import Anchors  # noqa: E402
+
+
+def tiny_config(*overrides: str):
+    """The tiny model config with overrides."""
+    return load_config(ROOT / "configs/model/tiny.yaml", list(overrides))
+
+
+def random_batch(cfg, n: int = 4, text_len: int = 12, regions: int = 6, seed: int = 0) -> Batch:
+    """A batch of n samples with two anchor pairs each (the second sample: one, padded)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (n, text_len), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    text_mask = torch.ones(n, text_len, dtype=torch.bool)
+    text_mask[1, -3:] = False  # one padded caption
+    region_mask = torch.ones(n, regions, dtype=torch.bool)
+    region_mask[2, -2:] = False  # one image with fewer regions
+    concepts = torch.randint(0, cfg.num_concepts, (n, regions), generator=g)
+    text_pos = torch.tensor([[2, 5]] * n)
+    region = torch.tensor([[0, 3]] * n)
+    valid = torch.ones(n, 2, dtype=torch.bool)
+    valid[1, 1] = False
+    anchors = Anchors(text_pos, region, concepts.gather(1, region), valid)
+    boxes = torch.rand(n, regions, 2, generator=g) * 0.5
+    boxes = torch.cat([boxes, boxes + 0.1 + 0.4 * torch.rand(n, regions, 2, generator=g)], -1)
+    feats = torch.randn(n, regions, cfg.visual.feature_dim, generator=g)
+    return Batch(ids, text_mask, feats, boxes, region_mask, concepts, anchors)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config()
+
+
+def scene_batch(cfg, n: int = 4, regions: int = 5, mentions: int = 3, seed: int = 0) -> Batch:
+    """A batch with the structure of real pairs: every region has a concept whose feature
+    is a fixed code vector plus noise, and the caption mentions some regions' concepts by
+    a word of their own (the anchors), between filler words."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randn(cfg.num_concepts, cfg.visual.feature_dim, generator=g)
+    concepts = torch.stack([torch.randperm(20, generator=g)[:regions] for _ in range(n)])
+    feats = codes[concepts] + 0.1 * torch.randn(n, regions, cfg.visual.feature_dim, generator=g)
+    text_len = 2 + 2 * mentions
+    ids = torch.randint(1000, 1010, (n, text_len), generator=g)  # filler words
+    ids[:, 0], ids[:, -1] = 101, 102
+    text_pos = torch.arange(mentions) * 2 + 2
+    region = torch.stack([torch.randperm(regions, generator=g)[:mentions] for _ in range(n)])
+    ids[:, text_pos] = 2000 + concepts.gather(1, region)  # the concept's own word
+    boxes = torch.rand(n, regions, 2, generator=g) * 0.5
+    boxes = torch.cat([boxes, boxes + 0.3], -1)
+    anchors = Anchors(
+        text_pos.repeat(n, 1),
+        region,
+        concepts.gather(1, region),
+        torch.ones(n, mentions, dtype=torch.bool),
+    )
+    return Batch(
+        ids,
+        torch.ones_like(ids, dtype=torch.bool),
+        feats,
+        boxes,
+        torch.ones(n, regions, dtype=torch.bool),
+        concepts,
+        anchors,
+    )
