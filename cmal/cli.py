@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
 
 from cmal.config import Config, ConfigError, load_config, to_yaml
+from cmal.data.errors import DataError
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__
@@ -22,6 +24,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")
 model_app = typer.Typer(no_args_is_help=True, help="Inspect the model.")
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
+data_app = typer.Typer(no_args_is_help=True, help="Make and convert data sets into shards.")
+app.add_typer(data_app, name="data")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (may name a 'base').")
 Overrides = typer.Argument(None, help="Dotted overrides, e.g. model.unified.layers=2")
@@ -34,7 +38,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ConfigError as e:
+        except (ConfigError, DataError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
 
@@ -70,6 +74,109 @@ def model_summary(
 
     cfg = resolve(config, overrides, show=not quiet)
     typer.echo(summary_table(build_model(cfg.model)))
+
+
+@data_app.command("world")
+@user_errors
+def data_world(
+    out: Path = typer.Option(..., help="Folder to write the world into."),
+    images: int = typer.Option(2000, min=1, help="Number of scene images."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical files."),
+    feature_dim: int = typer.Option(128, min=8, help="Size of a region feature vector."),
+    workers: int = typer.Option(2, min=1, help="Rendering processes."),
+    shards: bool = typer.Option(True, help="Also convert everything into shards under OUT/shards."),
+) -> None:
+    """Render the scene world in the public formats (COCO, VQA v2, SNLI-VE, NLVR2, RefCOCO+)."""
+    from cmal.data.world import WorldConfig, generate
+
+    counts = generate(
+        out, WorldConfig(images=images, seed=seed, feature_dim=feature_dim, workers=workers)
+    )
+    typer.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
+    if shards:
+        from cmal.data.convert.world import convert_world
+        from cmal.pretrained import load_tokenizer
+
+        for name, done in convert_world(out, out / "shards", load_tokenizer()).items():
+            typer.echo(f"shards {name:<16} {done.samples:>7} samples {done.anchors:>7} anchors")
+
+
+FORMATS = ("coco-captions", "vg", "vqa", "snli-ve", "nlvr2", "refcoco")
+
+
+@data_app.command("convert")
+@user_errors
+def data_convert(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="One of: " + ", ".join(FORMATS)),
+    features: str = typer.Option(
+        ..., help="Region features: folder of npz, or BUTD/LXMERT/VinVL tsv."
+    ),
+    out: Path = typer.Option(..., help="Shard folder to write (must be new or empty)."),
+    classes: Path | None = typer.Option(None, help="Detector class list (one per line)."),
+    captions: Path | None = typer.Option(None, help="coco-captions: captions_<split>.json"),
+    regions: Path | None = typer.Option(None, help="vg: region_descriptions.json"),
+    questions: Path | None = typer.Option(None, help="vqa: questions json"),
+    annotations: Path | None = typer.Option(None, help="vqa: annotations json (not for test-dev)"),
+    jsonl: Path | None = typer.Option(None, help="snli-ve: snli_ve_<split>.jsonl"),
+    statements: Path | None = typer.Option(None, "--json", help="nlvr2: <split>.json"),
+    refs: Path | None = typer.Option(None, help="refcoco: refs(unc).p"),
+    instances: Path | None = typer.Option(None, help="refcoco: instances.json"),
+    split: str | None = typer.Option(None, help="refcoco: train, val, testA or testB"),
+    max_text_len: int = typer.Option(40, help="Wordpieces kept per text."),
+    max_regions: int = typer.Option(36, help="Regions kept per image (highest confidence)."),
+    on_bad_sample: str = typer.Option("error", help="error or skip (and count)"),
+) -> None:
+    """Write MDS shards from a public annotation format joined with region features."""
+    from cmal.data.convert import (
+        SampleBuilder,
+        coco,
+        nlvr2,
+        read_classes,
+        refcoco,
+        snli_ve,
+        vg,
+        vqa,
+        write_shards,
+    )
+    from cmal.data.features import FeatureSource
+    from cmal.model.anchors import ConceptVocab
+    from cmal.pretrained import load_tokenizer
+
+    def need(value, flag: str):
+        if value is None:
+            raise DataError(f"format {fmt} needs {flag}")
+        return value
+
+    if on_bad_sample not in ("error", "skip"):
+        raise DataError(f"--on-bad-sample must be error or skip, got {on_bad_sample!r}")
+    readers = {
+        "coco-captions": lambda: ("pretrain", coco.records(need(captions, "--captions"))),
+        "vg": lambda: ("pretrain", vg.records(need(regions, "--regions"))),
+        "vqa": lambda: ("vqa", vqa.records(need(questions, "--questions"), annotations)),
+        "snli-ve": lambda: ("ve", snli_ve.records(need(jsonl, "--jsonl"))),
+        "nlvr2": lambda: ("nlvr2", nlvr2.records(need(statements, "--json"))),
+        "refcoco": lambda: (
+            "rec",
+            refcoco.records(
+                need(refs, "--refs"), need(instances, "--instances"), need(split, "--split")
+            ),
+        ),
+    }
+    if fmt not in readers:
+        raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    task, records = readers[fmt]()
+    names = read_classes(classes)
+    source = FeatureSource(features, names)
+    vocab = (
+        ConceptVocab(names)
+        if names
+        else ConceptVocab(sorted({t for k in source.keys() for t in source[k].tags} - {""}))
+    )
+    builder = SampleBuilder(source, vocab, load_tokenizer(), max_text_len, max_regions)
+    done = write_shards(records, builder, out, task, on_bad_sample)  # type: ignore[arg-type]
+    typer.echo(
+        f"wrote {done.samples} samples ({done.anchors} anchors, {done.skipped} skipped) to {out}"
+    )
 
 
 def main() -> None:

@@ -175,6 +175,31 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the shards come from and how they are batched."""
+
+    remote: str = "data/world/shards/pretrain/train"
+    """Shard folder: a local path or s3://bucket/prefix."""
+    local: str | None = None
+    """Cache folder for shards read from ``remote``; None: a per-source temp folder."""
+    s3_endpoint: str | None = None
+    """S3-compatible endpoint URL (sets S3_ENDPOINT_URL); None: AWS or the environment's."""
+    batch_size: int = 32
+    """Samples per batch on each rank."""
+    workers: int = 2
+    """Loader worker processes per rank."""
+    shuffle: bool = True
+    """Shuffle samples (deterministically from shuffle_seed and the epoch)."""
+    shuffle_seed: int = 0
+    """Seed of the shuffle."""
+    validate_hash: bool = True
+    """Check every shard's sha1 when it is copied into the cache."""
+    on_bad_sample: Literal["error", "skip"] = "error"
+    """A sample with features of the wrong shape, NaNs or broken anchors: stop with an error
+    naming it, or skip it and count it."""
+
+
+@dataclass
 class Config:
     """A run's configuration."""
 
@@ -184,6 +209,8 @@ class Config:
     """Seed of every random generator."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -225,6 +252,9 @@ def _check_values(cfg: Config, source: str) -> None:
     need(m.num_concepts > 0, "model.num_concepts", "must be > 0")
     need(m.max_text_len <= m.text.max_positions, "model.max_text_len", "exceeds text.max_positions")
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    d = cfg.data
+    need(d.batch_size > 0, "data.batch_size", "must be > 0")
+    need(d.workers >= 0, "data.workers", "must be >= 0")
 
 
 def _type_name(tp: Any) -> str:

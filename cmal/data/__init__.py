@@ -1,0 +1,1 @@
+"""Data: the scene world, converters from public formats, MDS shards, streaming."""

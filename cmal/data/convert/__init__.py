@@ -1,0 +1,204 @@
+"""Writers of MDS shards from public formats.
+
+Each format module turns its files into :class:`Record` objects (validating every field,
+with errors that name the file, the record and the field); :func:`write_shards` joins
+them with region features, tokenises, computes anchors and writes the shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cmal.data.errors import DataError
+from cmal.data.features import FeatureSource, Regions
+from cmal.data.schema import columns
+from cmal.model.anchors import ConceptVocab, tokenize_with_anchors
+
+
+@dataclass
+class Record:
+    """One sample before it meets its region features."""
+
+    id: str
+    """Sample id in the source."""
+    image: str
+    """Image key in the region-feature source."""
+    text: str
+    """The sample's text."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Task columns (see ``schema.TASK_COLUMNS``)."""
+    image2: str | None = None
+    """NLVR2 only: the second image."""
+
+
+def get(rec: dict, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """Field ``name`` of an annotation record, of type ``kind``, or a DataError naming it."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if name not in rec:
+        raise DataError(f"{where}: missing field '{name}'")
+    value = rec[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
+        want = " or ".join(k.__name__ for k in _as_tuple(kind))
+        raise DataError(f"{where}: field '{name}' should be {want}, got {value!r}")
+    return value
+
+
+def _as_tuple(kind) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def load_json(path: str | Path) -> Any:
+    """A JSON file, or a DataError naming it."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_classes(path: str | Path | None) -> list[str] | None:
+    """A class list: one name per line (objects_vocab.txt style; ',' separates synonyms,
+    the first is kept)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class list not found: {path}")
+    return [line.split(",")[0].strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Converted:
+    """What a conversion wrote."""
+
+    out: str
+    """The shard folder."""
+    samples: int
+    """Samples written."""
+    skipped: int = 0
+    """Samples skipped as bad (with ``on_bad_sample=skip``)."""
+    anchors: int = 0
+    """Anchor pairs over all samples."""
+
+
+class SampleBuilder:
+    """Tokenises, computes anchors and attaches region features to records."""
+
+    def __init__(
+        self,
+        features: FeatureSource,
+        vocab: ConceptVocab,
+        tokenizer,
+        max_text_len: int = 40,
+        max_regions: int = 36,
+        feature_dim: int | None = None,
+    ):
+        self.features, self.vocab, self.tokenizer = features, vocab, tokenizer
+        self.max_text_len, self.max_regions, self.feature_dim = (
+            max_text_len,
+            max_regions,
+            feature_dim,
+        )
+
+    def regions(self, key: str, sample: str) -> Regions:
+        """The image's regions, highest confidence first, at most ``max_regions``."""
+        r = self.features[key]
+        if self.feature_dim is None:
+            self.feature_dim = r.features.shape[1]
+        if r.features.shape[1] != self.feature_dim:
+            raise DataError(
+                f"sample {sample}: image {key}: region features have {r.features.shape[1]} "
+                f"dims, the shards so far have {self.feature_dim}"
+            )
+        if len(r.tags) == 0:
+            raise DataError(f"sample {sample}: image {key}: no regions")
+        order = np.argsort(-r.confidences, kind="stable")[: self.max_regions]
+        return Regions(
+            r.features[order], r.boxes[order], [r.tags[i] for i in order], r.confidences[order]
+        )
+
+    def image_columns(
+        self, regions: Regions, text: str, suffix: str = ""
+    ) -> tuple[list[int], dict[str, Any]]:
+        """Token ids of the text, and the image columns (with anchors) of one image."""
+        ids, pairs = tokenize_with_anchors(
+            text,
+            self.tokenizer,
+            regions.tags,
+            list(regions.confidences),
+            self.vocab,
+            self.max_text_len,
+        )
+        concepts = [self.vocab.concept_id(t) for t in regions.tags]
+        cols = {
+            f"anchors{suffix}": [[p.text_pos, p.region, p.concept] for p in pairs],
+            f"feats{suffix}": regions.features,
+            f"boxes{suffix}": regions.boxes,
+            f"concepts{suffix}": np.asarray([-1 if c is None else c for c in concepts], np.int32),
+            f"tags{suffix}": regions.tags,
+            f"confidences{suffix}": regions.confidences,
+        }
+        return ids, cols
+
+    def build(self, rec: Record) -> dict[str, Any]:
+        """The MDS sample of a record."""
+        ids, cols = self.image_columns(self.regions(rec.image, rec.id), rec.text)
+        sample = {
+            "id": rec.id,
+            "image": rec.image,
+            "text": rec.text,
+            "input_ids": np.asarray(ids, np.int32),
+        }
+        sample.update(cols)
+        if rec.image2 is not None:
+            _, cols2 = self.image_columns(self.regions(rec.image2, rec.id), rec.text, "2")
+            sample.update(cols2)
+            sample["image2"] = rec.image2
+        sample.update(rec.extra)
+        return sample
+
+
+def write_shards(
+    records: Iterable[Record],
+    builder: SampleBuilder,
+    out: str | Path,
+    task: str,
+    on_bad_sample: Literal["error", "skip"] = "error",
+    size_limit: int = 1 << 24,
+) -> Converted:
+    """Write the records as MDS shards (sha1 per shard) into ``out``."""
+    from streaming import MDSWriter
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(
+            f"{out}: shard folder exists and is not empty; remove it or pick another --out"
+        )
+    done = Converted(str(out), 0)
+    with MDSWriter(
+        out=str(out), columns=columns(task), hashes=["sha1"], size_limit=size_limit
+    ) as w:
+        for rec in records:
+            try:
+                sample = builder.build(rec)
+            except DataError:
+                if on_bad_sample == "skip":
+                    done.skipped += 1
+                    continue
+                raise
+            w.write(sample)
+            done.samples += 1
+            done.anchors += len(sample["anchors"])
+    if done.samples == 0:
+        raise DataError(f"{out}: no sample was written (skipped {done.skipped}); check the inputs")
+    return done

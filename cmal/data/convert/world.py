@@ -1,0 +1,51 @@
+"""Every shard set of a scene world, written by the same converters as the real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cmal.data.convert import (
+    Converted,
+    SampleBuilder,
+    coco,
+    nlvr2,
+    read_classes,
+    refcoco,
+    snli_ve,
+    vqa,
+    write_shards,
+)
+from cmal.data.features import FeatureSource
+from cmal.model.anchors import ConceptVocab
+
+
+def convert_world(world: str | Path, out: str | Path, tokenizer, max_text_len: int = 40,
+                  max_regions: int = 36) -> dict[str, Converted]:  # fmt: skip
+    """Shards under ``out/<set>/<split>`` for pretrain, vqa, ve, nlvr2, rec_gt, rec_det."""
+    w, out = Path(world), Path(out)
+    classes = read_classes(w / "classes.txt")
+    vocab = ConceptVocab(classes)
+
+    def builder(kind: str) -> SampleBuilder:
+        return SampleBuilder(
+            FeatureSource(w / "features" / f"{kind}.tsv", classes), vocab, tokenizer,
+            max_text_len, max_regions,
+        )  # fmt: skip
+
+    det, gt = builder("det"), builder("gt")
+    jobs = {
+        "pretrain/train": ("pretrain", det, coco.records(w / "coco/captions_train.json")),
+        "pretrain/val": ("pretrain", det, coco.records(w / "coco/captions_val.json")),
+    }
+    for s in ("train", "val", "test"):
+        q = w / f"vqa/v2_OpenEnded_mscoco_{s}_questions.json"
+        jobs[f"vqa/{s}"] = ("vqa", det, vqa.records(q, w / f"vqa/v2_mscoco_{s}_annotations.json"))
+    for s in ("train", "dev", "test"):
+        jobs[f"ve/{s}"] = ("ve", det, snli_ve.records(w / f"snli_ve/snli_ve_{s}.jsonl"))
+    for s in ("train", "dev", "test1"):
+        jobs[f"nlvr2/{s}"] = ("nlvr2", det, nlvr2.records(w / f"nlvr2/{s}.json"))
+    for s in refcoco.SPLITS:
+        refs, inst = w / "refcoco+/refs(unc).p", w / "refcoco+/instances.json"
+        jobs[f"rec_gt/{s}"] = ("rec", gt, refcoco.records(refs, inst, s))
+        jobs[f"rec_det/{s}"] = ("rec", det, refcoco.records(refs, inst, s))
+    return {name: write_shards(recs, b, out / name, task) for name, (task, b, recs) in jobs.items()}

@@ -1,0 +1,177 @@
+"""The scene world's text: captions, VQA questions with ten human answers, SNLI-VE
+hypotheses, NLVR2 statements and referring expressions, all true (or false, on purpose)
+of the objects they describe.
+
+Captions use synonyms and plural forms ("two red discs", "a blue block"), so the anchor
+operator has real normalisation to do.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from cmal.data.scene import COLOURS, SHAPES, Obj
+
+SYNONYMS = {
+    "square": ["square", "square", "block", "cube"],
+    "circle": ["circle", "circle", "disc", "ring"],
+    "triangle": ["triangle", "triangle", "wedge"],
+    "star": ["star"],
+    "cross": ["cross", "cross", "plus"],
+    "bar": ["bar", "bar", "stripe", "stick"],
+}
+"""Words a caption may use for a shape (all in the shipped synonym table)."""
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
+DISTRACTORS = [
+    "on a grey background",
+    "in a simple drawing",
+    "with plenty of empty space",
+    "drawn with flat colours",
+    "seen from above",
+]
+NEUTRAL = [
+    "{a} {c} {s} was drawn by a child.",
+    "The {c} {s} is made of wood.",
+    "The {c} {s} was painted on a monday.",
+    "Someone is about to move the {c} {s}.",
+]
+
+
+def plural(word: str) -> str:
+    """English plural of a shape word."""
+    return word + "es" if word.endswith(("s", "x", "ch", "sh")) else word + "s"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _pick(rng: np.random.Generator, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def _word(rng, shape: str) -> str:
+    return _pick(rng, SYNONYMS[shape])
+
+
+def caption(rng: np.random.Generator, objs: list[Obj]) -> str:
+    """A caption naming one to three colour-shape groups of the scene."""
+    groups = Counter((o.colour, o.shape) for o in objs)
+    keys = list(groups)
+    rng.shuffle(keys)
+    phrases = []
+    for colour, shape in keys[: int(rng.integers(1, min(3, len(keys)) + 1))]:
+        n, w = groups[(colour, shape)], _word(rng, shape)
+        phrases.append(
+            f"{NUMBERS[n]} {colour} {plural(w)}" if n > 1 else f"{article(colour)} {colour} {w}"
+        )
+    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    if rng.random() < 0.5:
+        text += " " + _pick(rng, DISTRACTORS)
+    return text[0].upper() + text[1:] + "."
+
+
+def vqa(rng: np.random.Generator, objs: list[Obj]) -> tuple[str, str, str]:
+    """(question, answer, answer_type) about colour, count, existence or shape."""
+    shapes = Counter(o.shape for o in objs)
+    colours = Counter(o.colour for o in objs)
+    kind = _pick(rng, ["colour", "count", "exists", "shape"])
+    if kind == "colour":
+        unique = [o for o in objs if shapes[o.shape] == 1]
+        if unique:
+            o = _pick(rng, unique)
+            return f"What color is the {o.shape}?", o.colour, "other"
+        kind = "count"
+    if kind == "shape":
+        unique = [o for o in objs if colours[o.colour] == 1]
+        if unique:
+            o = _pick(rng, unique)
+            return f"What shape is the {o.colour} object?", o.shape, "other"
+        kind = "count"
+    if kind == "count":
+        s = _pick(rng, SHAPES)
+        return f"How many {plural(s)} are there?", str(shapes[s]), "number"
+    present = {(o.colour, o.shape) for o in objs}
+    if rng.random() < 0.5:
+        colour, shape = _pick(rng, sorted(present))
+    else:
+        colour, shape = _pick(rng, list(COLOURS)), _pick(rng, SHAPES)
+    answer = "yes" if (colour, shape) in present else "no"
+    return f"Is there {article(colour)} {colour} {shape}?", answer, "yes/no"
+
+
+def human_answers(rng: np.random.Generator, answer: str, kind: str, n: int = 10) -> list[str]:
+    """Ten annotators: most give the answer (in varied surface forms), some disagree."""
+    out = []
+    for _ in range(n):
+        a = answer
+        if rng.random() < 0.15:  # a plausible disagreement
+            if kind == "number":
+                a = str(max(0, int(answer) + _pick(rng, [-1, 1])))
+            elif kind == "yes/no":
+                a = "no" if answer == "yes" else "yes"
+            else:
+                a = _pick(rng, list(COLOURS) if answer in COLOURS else list(SHAPES))
+        if kind == "number" and rng.random() < 0.3:
+            a = NUMBERS[int(a)] if int(a) < len(NUMBERS) else a  # "two": normalises to 2
+        elif rng.random() < 0.1:
+            a = a.capitalize() + "."  # case and punctuation: normalised away
+        out.append(a)
+    return out
+
+
+def hypotheses(rng: np.random.Generator, objs: list[Obj]) -> list[tuple[str, str]]:
+    """One (hypothesis, gold_label) per SNLI-VE label."""
+    present = {(o.colour, o.shape) for o in objs}
+    colour, shape = _pick(rng, sorted(present))
+    entail = f"There is {article(colour)} {colour} {shape}."
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    c2, s2 = _pick(rng, absent)
+    contra = f"There is {article(c2)} {c2} {s2} in the picture."
+    colour, shape = _pick(rng, sorted(present))
+    neutral = _pick(rng, NEUTRAL).format(a=article(colour).capitalize(), c=colour, s=shape)
+    return [(entail, "entailment"), (contra, "contradiction"), (neutral, "neutral")]
+
+
+def statement(rng: np.random.Generator, left: list[Obj], right: list[Obj]) -> tuple[str, bool]:
+    """An NLVR2 statement about two images and whether it is true (true about half the time)."""
+    want = bool(rng.random() < 0.5)
+    for _ in range(20):
+        kind = int(rng.integers(3))
+        s = _pick(rng, SHAPES)
+        nl, nr = sum(o.shape == s for o in left), sum(o.shape == s for o in right)
+        if kind == 0:
+            text, truth = f"The left image contains more {plural(s)} than the right image.", nl > nr
+        elif kind == 1:
+            o = _pick(rng, left + right)
+            pair = (o.colour, o.shape)
+            in_l = pair in {(x.colour, x.shape) for x in left}
+            in_r = pair in {(x.colour, x.shape) for x in right}
+            text = f"Both images contain {article(o.colour)} {o.colour} {o.shape}."
+            truth = in_l and in_r
+        else:
+            n = nl + nr + int(rng.integers(-1, 2))
+            text, truth = (
+                f"There are exactly {NUMBERS[max(0, min(n, 6))]} {plural(s)} in total.",
+                nl + nr == max(0, min(n, 6)),
+            )
+        if truth == want:
+            return text, truth
+    return text, truth
+
+
+def expression(rng: np.random.Generator, objs: list[Obj], k: int) -> str | None:
+    """A RefCOCO+-style expression (appearance only, no absolute location) for object k,
+    or None when the object cannot be told apart by appearance."""
+    o = objs[k]
+    same_cs = [x for x in objs if (x.colour, x.shape) == (o.colour, o.shape)]
+    if len(same_cs) == 1:
+        if sum(x.colour == o.colour for x in objs) == 1 and rng.random() < 0.3:
+            return f"the {o.colour} one"
+        return f"{o.colour} {_word(rng, o.shape)}"
+    same_all = [x for x in same_cs if x.size == o.size]
+    if len(same_all) == 1:
+        return f"the {o.size} {o.colour} {_word(rng, o.shape)}"
+    return None

@@ -1,0 +1,216 @@
+"""Streaming MDS shards from a local folder or ``s3://bucket/prefix`` (any S3-compatible
+endpoint) into padded model batches.
+
+The reader always copies shards from the source (``remote``) into a separate cache folder
+(``local``), so every shard's sha1 is checked on arrival and the source stays untouched.
+Its position lives in ``StreamingDataLoader.state_dict()``, which goes into checkpoints:
+a resumed loader yields exactly the samples not yet seen in the epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cmal.config import DataConfig
+from cmal.data.errors import DataError
+from cmal.model.cmal import Batch
+from cmal.model.prompt import Anchors
+
+
+def cache_folder(cfg: DataConfig, remote: str) -> str:
+    """The local cache of a source: ``cfg.local`` or a per-source temp folder."""
+    if cfg.local:
+        return cfg.local
+    tag = hashlib.sha1(remote.encode()).hexdigest()[:12]
+    return str(Path(tempfile.gettempdir()) / "cmal-cache" / tag)
+
+
+def _s3_env(cfg: DataConfig) -> None:
+    if cfg.s3_endpoint:
+        os.environ["S3_ENDPOINT_URL"] = cfg.s3_endpoint
+
+
+def _explain(remote: str, e: Exception) -> DataError:
+    """One line for the ways a source fails to open."""
+    text = f"{type(e).__name__}: {e}"
+    if "NoSuchBucket" in text:
+        why = "the bucket does not exist"
+    elif re.search(
+        r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|NoCredentials|credentials", text
+    ):
+        why = "the object store refused the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    elif isinstance(e, FileNotFoundError) or "404" in text or "Not Found" in text:
+        why = "no index.json there (not a shard folder?)"
+    elif (
+        "Could not connect" in text
+        or "Connection refused" in text
+        or "EndpointConnectionError" in text
+    ):
+        why = "cannot reach the object store endpoint (data.s3_endpoint / S3_ENDPOINT_URL)"
+    else:
+        why = text.splitlines()[0][:300]
+    return DataError(f"cannot open shards at {remote}: {why}")
+
+
+def open_dataset(
+    cfg: DataConfig, remote: str | None = None, feature_dim: int | None = None, **kw: Any
+):
+    """A StreamingDataset over ``remote`` (default ``cfg.remote``) returning decoded samples."""
+    from streaming import StreamingDataset
+
+    remote = remote or cfg.remote
+    if not remote.startswith("s3://"):
+        if not (Path(remote) / "index.json").is_file():
+            raise DataError(
+                f"cannot open shards at {remote}: no index.json there (not a shard folder?)"
+            )
+        remote = str(Path(remote).resolve())
+    _s3_env(cfg)
+
+    class Decoded(StreamingDataset):
+        def __getitem__(self, idx: int) -> dict[str, Any] | None:
+            try:
+                raw = super().__getitem__(idx)
+            except Exception as e:
+                if "Checksum failure" in str(e):
+                    shard = str(e).split(":")[-1].strip()
+                    raise DataError(
+                        f"shard {shard} of {remote} failed its sha1 check (corrupted); "
+                        "convert or upload it again"
+                    ) from None
+                raise
+            return decode(raw, cfg, feature_dim)
+
+    try:
+        return Decoded(
+            remote=remote,
+            local=cache_folder(cfg, remote),
+            shuffle=cfg.shuffle,
+            shuffle_seed=cfg.shuffle_seed,
+            batch_size=cfg.batch_size,
+            validate_hash="sha1" if cfg.validate_hash else None,
+            **kw,
+        )
+    except DataError:
+        raise
+    except Exception as e:
+        raise _explain(remote, e) from None
+
+
+def decode(raw: dict[str, Any], cfg: DataConfig, feature_dim: int | None) -> dict[str, Any] | None:
+    """Check one sample; None (skip) or a DataError naming it when it is bad."""
+    try:
+        for suffix in ("", "2") if "image2" in raw else ("",):
+            _check_image(raw, suffix, feature_dim)
+        if len(raw["input_ids"]) < 2:
+            raise DataError("input_ids: empty text")
+    except DataError as e:
+        if cfg.on_bad_sample == "skip":
+            return None
+        raise DataError(f"sample {raw.get('id')!r} (image {raw.get('image')!r}): {e}") from None
+    return raw
+
+
+def _check_image(raw: dict[str, Any], suffix: str, feature_dim: int | None) -> None:
+    feats, boxes = raw[f"feats{suffix}"], raw[f"boxes{suffix}"]
+    if feats.ndim != 2 or (feature_dim is not None and feats.shape[1] != feature_dim):
+        raise DataError(f"feats{suffix}: shape {feats.shape}, expected (regions, {feature_dim})")
+    r = feats.shape[0]
+    if boxes.shape != (r, 4):
+        raise DataError(f"boxes{suffix}: shape {boxes.shape}, expected ({r}, 4)")
+    if not np.isfinite(feats.astype(np.float32)).all():
+        raise DataError(f"feats{suffix}: NaN or inf")
+    for t, i, _ in raw[f"anchors{suffix}"]:
+        if not (0 <= i < r and 0 <= t < len(raw["input_ids"])):
+            raise DataError(f"anchors{suffix}: pair ({t}, {i}) outside the text or the regions")
+
+
+@dataclass
+class Collate:
+    """Pads decoded samples into a :class:`Batch` (plus the raw columns a task needs)."""
+
+    max_text_len: int
+    """Captions longer than this are cut (anchors beyond it dropped)."""
+    max_regions: int
+    """Regions beyond this are dropped (shards keep them highest-confidence first)."""
+
+    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
+        good = [s for s in samples if s is not None]
+        # First key: StreamingDataLoader counts a batch by the length of its first value,
+        # and that count must include skipped samples for resume to be exact.
+        out: dict[str, Any] = {
+            "consumed": [None if s is None else s["id"] for s in samples],
+            "skipped": len(samples) - len(good),
+            "ids": [s["id"] for s in good],
+        }
+        if not good:
+            return out
+        out["batch"] = self.batch(good, "")
+        if "image2" in good[0]:
+            out["batch2"] = self.batch(good, "2")
+        for key in ("label", "question_id", "ref_id"):
+            if key in good[0]:
+                out[key] = torch.tensor([s[key] for s in good])
+        if "target_box" in good[0]:
+            out["target_box"] = torch.as_tensor(np.stack([s["target_box"] for s in good]))
+        if "answers" in good[0]:
+            out["answers"] = [s["answers"] for s in good]
+        return out
+
+    def batch(self, samples: list[dict[str, Any]], suffix: str) -> Batch:
+        n = len(samples)
+        lt = min(max(len(s["input_ids"]) for s in samples), self.max_text_len)
+        r = max(1, min(max(len(s[f"feats{suffix}"]) for s in samples), self.max_regions))
+        fdim = samples[0][f"feats{suffix}"].shape[1]
+        a = max(1, max(len(s[f"anchors{suffix}"]) for s in samples))
+        ids = torch.zeros(n, lt, dtype=torch.long)
+        text_mask = torch.zeros(n, lt, dtype=torch.bool)
+        feats = torch.zeros(n, r, fdim, dtype=torch.float16)
+        boxes = torch.zeros(n, r, 4)
+        region_mask = torch.zeros(n, r, dtype=torch.bool)
+        concepts = torch.full((n, r), -1, dtype=torch.long)
+        anchors = torch.zeros(n, a, 3, dtype=torch.long)
+        valid = torch.zeros(n, a, dtype=torch.bool)
+        for k, s in enumerate(samples):
+            t = s["input_ids"][:lt]
+            if len(s["input_ids"]) > lt:
+                t = np.concatenate([t[:-1], s["input_ids"][-1:]])  # keep [SEP] last
+            ids[k, : len(t)] = torch.as_tensor(t.astype(np.int64))
+            text_mask[k, : len(t)] = True
+            m = min(len(s[f"feats{suffix}"]), r)
+            feats[k, :m] = torch.as_tensor(np.array(s[f"feats{suffix}"][:m]))
+            boxes[k, :m] = torch.as_tensor(np.array(s[f"boxes{suffix}"][:m]))
+            region_mask[k, :m] = True
+            concepts[k, :m] = torch.as_tensor(s[f"concepts{suffix}"][:m].astype(np.int64))
+            pairs = [p for p in s[f"anchors{suffix}"] if p[0] < len(t) - 1 and p[1] < m]
+            if pairs:
+                anchors[k, : len(pairs)] = torch.tensor(pairs)
+                valid[k, : len(pairs)] = True
+        return Batch(
+            ids, text_mask, feats, boxes, region_mask, concepts,
+            Anchors(anchors[..., 0], anchors[..., 1], anchors[..., 2], valid),
+        )  # fmt: skip
+
+
+def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):
+    """A StreamingDataLoader with our collate; its state_dict() resumes mid-epoch."""
+    from streaming import StreamingDataLoader
+
+    return StreamingDataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        collate_fn=Collate(max_text_len, max_regions),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        drop_last=False,
+    )

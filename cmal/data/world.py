@@ -1,0 +1,287 @@
+"""``cmal data world``: write the scene world in the public file formats of the real data
+sets, so the same converters read it as they read COCO, VQA v2, SNLI-VE, NLVR2 and
+RefCOCO+.
+
+Layout under ``out``::
+
+    images/<key>.jpg                      rendered images (COCO-style integer keys; NLVR2
+                                          pairs as <split>-<n>-0-img0/img1)
+    features/det.tsv                      simulated detector regions (noisy boxes and tags),
+                                          LXMERT tsv format, class ids into classes.txt
+    features/gt.tsv                       ground-truth boxes as regions (REC gt setting)
+    classes.txt                           the detector's class list
+    coco/captions_{train,val}.json        pre-training pairs (COCO captions format)
+    vqa/v2_OpenEnded_mscoco_<s>_questions.json, vqa/v2_mscoco_<s>_annotations.json
+    snli_ve/snli_ve_{train,dev,test}.jsonl
+    nlvr2/{train,dev,test1}.json          one JSON object per line, as NLVR2 ships it
+    refcoco+/refs(unc).p, refcoco+/instances.json
+    world.json                            seed, counts and the noise settings
+
+Every image is generated from ``numpy.random.default_rng([seed, index])``, so the world
+is the same for a seed whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import pickle
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cmal.data import language
+from cmal.data.features import lxmert_line
+from cmal.data.scene import (
+    IMAGE_SIZE,
+    SHAPES,
+    NoiseConfig,
+    Obj,
+    detect,
+    draw,
+    ground_truth,
+    region_features,
+    sample_objects,
+)
+
+SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
+VQA_PER_IMAGE = 3
+CAPTIONS_PER_IMAGE = 2
+
+
+@dataclass
+class WorldConfig:
+    """How big and how noisy the world is."""
+
+    images: int = 2000
+    """Number of scene images (NLVR2 renders its own pairs on top: images / 4 pairs)."""
+    seed: int = 0
+    """Seed of the whole world."""
+    feature_dim: int = 128
+    """Size of a region feature vector."""
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    """Tag noise of the simulated detector."""
+    workers: int = 2
+    """Processes that render images in parallel."""
+
+
+def _split_of(index: int, n: int) -> str:
+    frac = index / max(n, 1)
+    return (
+        "train"
+        if frac < SPLITS["train"]
+        else "val"
+        if frac < SPLITS["train"] + SPLITS["val"]
+        else "test"
+    )
+
+
+def _regions_line(key: str, image, det, feature_dim: int) -> str:
+    feats = region_features(image, det.boxes, feature_dim)
+    ids = [SHAPES.index(t) for t in det.tags]
+    return lxmert_line(key, IMAGE_SIZE, IMAGE_SIZE, det.boxes, ids, det.confidences, feats)
+
+
+def _render(job: tuple[str, int, Path, WorldConfig]) -> tuple[list[Obj], str, str]:
+    """Draw one image and save it; return its objects and its two region-feature lines."""
+    key, seed_index, out, cfg = job
+    rng = np.random.default_rng([cfg.seed, seed_index])
+    objs = sample_objects(rng)
+    image = draw(objs)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=92)
+    (out / "images" / f"{key}.jpg").write_bytes(buf.getvalue())
+    # Features come from the rendered pixels (before JPEG), where background is exact.
+    det = _regions_line(key, image, detect(rng, objs, cfg.noise), cfg.feature_dim)
+    gt = _regions_line(key, image, ground_truth(objs), cfg.feature_dim)
+    return objs, det, gt
+
+
+def generate(out: str | Path, cfg: WorldConfig) -> dict:
+    """Write the world under ``out``; returns counts and the images/s achieved."""
+    out = Path(out)
+    for sub in ("images", "features", "coco", "vqa", "snli_ve", "nlvr2", "refcoco+"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    n, pairs = cfg.images, max(cfg.images // 4, 2)
+    jobs = [(str(i), i, out, cfg) for i in range(n)]
+    nlvr_keys = []
+    for p in range(pairs):
+        split = {"train": "train", "val": "dev", "test": "test1"}[_split_of(p, pairs)]
+        for side in (0, 1):
+            key = f"{split}-{p}-0-img{side}"
+            nlvr_keys.append(key)
+            jobs.append((key, n + 2 * p + side, out, cfg))
+    start = time.perf_counter()
+    if cfg.workers > 1:
+        with mp.get_context("fork").Pool(cfg.workers) as pool:
+            rendered = pool.map(_render, jobs, chunksize=64)
+    else:
+        rendered = [_render(j) for j in jobs]
+    scenes = [objs for objs, _, _ in rendered]
+    for name, column in (("det", 1), ("gt", 2)):
+        with open(out / "features" / f"{name}.tsv", "w") as f:
+            f.writelines(r[column] for r in rendered)
+    rate = len(jobs) / (time.perf_counter() - start)
+    (out / "classes.txt").write_text("\n".join(SHAPES) + "\n")
+
+    text_rng = np.random.default_rng([cfg.seed, 1_000_000_007])
+    counts = _write_captions_vqa_ve(out, scenes[:n], text_rng)
+    counts.update(_write_nlvr2(out, nlvr_keys, scenes[n:], text_rng))
+    counts.update(_write_refcoco(out, scenes[:n], text_rng))
+    counts.update({"images": n, "nlvr2_images": 2 * pairs, "images_per_s": round(rate, 1)})
+    # The rate stays out of world.json, so a seed gives byte-identical files.
+    stable = {k: v for k, v in counts.items() if k != "images_per_s"}
+    meta = {
+        "seed": cfg.seed,
+        "feature_dim": cfg.feature_dim,
+        "noise": asdict(cfg.noise),
+        "counts": stable,
+    }
+    (out / "world.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return counts
+
+
+def _coco_image(i: int) -> dict:
+    return {"id": i, "file_name": f"{i}.jpg", "width": IMAGE_SIZE, "height": IMAGE_SIZE}
+
+
+def _dump(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def _write_captions_vqa_ve(out: Path, scenes: list[list[Obj]], rng) -> dict:
+    n = len(scenes)
+    caps = {s: {"images": [], "annotations": []} for s in ("train", "val")}
+    questions = {s: [] for s in SPLITS}
+    annotations = {s: [] for s in SPLITS}
+    ve = {s: [] for s in SPLITS}
+    for i, objs in enumerate(scenes):
+        split = _split_of(i, n)
+        cap_split = "train" if split == "train" else "val"
+        caps[cap_split]["images"].append(_coco_image(i))
+        for c in range(CAPTIONS_PER_IMAGE):
+            text = language.caption(rng, objs)
+            caps[cap_split]["annotations"].append(
+                {"id": i * 10 + c, "image_id": i, "caption": text}
+            )
+        for q in range(VQA_PER_IMAGE):
+            qid = i * 10 + q
+            question, answer, kind = language.vqa(rng, objs)
+            questions[split].append({"image_id": i, "question": question, "question_id": qid})
+            answers = language.human_answers(rng, answer, kind)
+            annotations[split].append(
+                {
+                    "question_id": qid,
+                    "image_id": i,
+                    "question_type": question.split()[0].lower(),
+                    "answer_type": kind,
+                    "multiple_choice_answer": answer,
+                    "answers": [
+                        {"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                        for k, a in enumerate(answers)
+                    ],
+                }
+            )
+        premise = language.caption(rng, objs)
+        for h, (hyp, label) in enumerate(language.hypotheses(rng, objs)):
+            ve[split].append(
+                {
+                    "Flickr30K_ID": str(i),
+                    "sentence1": premise,
+                    "sentence2": hyp,
+                    "gold_label": label,
+                    "pairID": f"{i}#{h}",
+                }
+            )
+    for s, data in caps.items():
+        _dump(out / "coco" / f"captions_{s}.json", data)
+    for s in SPLITS:
+        _dump(out / "vqa" / f"v2_OpenEnded_mscoco_{s}_questions.json", {"questions": questions[s]})
+        _dump(out / "vqa" / f"v2_mscoco_{s}_annotations.json", {"annotations": annotations[s]})
+        ve_name = {"train": "train", "val": "dev", "test": "test"}[s]
+        (out / "snli_ve" / f"snli_ve_{ve_name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in ve[s])
+        )
+    return {
+        "captions": sum(len(c["annotations"]) for c in caps.values()),
+        "vqa_questions": sum(len(q) for q in questions.values()),
+        "ve_pairs": sum(len(v) for v in ve.values()),
+    }
+
+
+def _write_nlvr2(out: Path, keys: list[str], scenes: list[list[Obj]], rng) -> dict:
+    rows: dict[str, list[str]] = {"train": [], "dev": [], "test1": []}
+    for p in range(len(keys) // 2):
+        split, n, _, _ = keys[2 * p].split("-")
+        text, truth = language.statement(rng, scenes[2 * p], scenes[2 * p + 1])
+        record = {
+            "identifier": f"{split}-{n}-0-0",
+            "sentence": text,
+            "label": "True" if truth else "False",
+            "left_url": f"{keys[2 * p]}.jpg",
+            "right_url": f"{keys[2 * p + 1]}.jpg",
+        }
+        rows[split].append(json.dumps(record))
+    for split, lines in rows.items():
+        (out / "nlvr2" / f"{split}.json").write_text("".join(line + "\n" for line in lines))
+    return {"nlvr2_statements": sum(len(v) for v in rows.values())}
+
+
+def _write_refcoco(out: Path, scenes: list[list[Obj]], rng) -> dict:
+    n = len(scenes)
+    group_a = {"circle", "star", "triangle"}  # plays the part of RefCOCO's "people" (testA)
+    refs, anns, images = [], [], []
+    ann_id = sent_id = 0
+    for i, objs in enumerate(scenes):
+        split = _split_of(i, n)
+        if split == "test":
+            split = "testA" if i % 2 == 0 else "testB"
+        images.append(_coco_image(i))
+        for k, o in enumerate(objs):
+            ann_id += 1
+            x1, y1, x2, y2 = o.box
+            anns.append(
+                {
+                    "id": ann_id,
+                    "image_id": i,
+                    "category_id": SHAPES.index(o.shape) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
+            if (
+                split == "testA"
+                and o.shape not in group_a
+                or split == "testB"
+                and o.shape in group_a
+            ):
+                continue
+            text = language.expression(rng, objs, k)
+            if text is None:
+                continue
+            sent_id += 1
+            refs.append(
+                {
+                    "ref_id": len(refs),
+                    "ann_id": ann_id,
+                    "image_id": i,
+                    "split": split,
+                    "category_id": SHAPES.index(o.shape) + 1,
+                    "file_name": f"{i}.jpg",
+                    "sent_ids": [sent_id],
+                    "sentences": [
+                        {"sent_id": sent_id, "sent": text, "raw": text, "tokens": text.split()}
+                    ],
+                }
+            )
+    (out / "refcoco+" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    categories = [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)]
+    _dump(
+        out / "refcoco+" / "instances.json",
+        {"images": images, "annotations": anns, "categories": categories},
+    )
+    return {"rec_expressions": len(refs)}
