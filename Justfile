@@ -21,8 +21,8 @@ setup:
 
 # Lint, format check and the whole test suite.
 test: setup
-    {{bin}}/ruff check cmal tests
-    {{bin}}/ruff format --check cmal tests
+    {{bin}}/ruff check cmal tests bench
+    {{bin}}/ruff format --check cmal tests bench
     {{bin}}/python -m pytest -q
 
 # The main job on the embedded default (see README).

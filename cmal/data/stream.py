@@ -39,6 +39,29 @@ def _s3_env(cfg: DataConfig) -> None:
         os.environ["S3_ENDPOINT_URL"] = cfg.s3_endpoint
 
 
+def _probe_s3(remote: str) -> Exception | None:
+    """Ask the store directly why ``remote`` failed (streaming reports every failure as
+    "not found"): the bucket's own error, or None when the bucket answers fine."""
+    import boto3
+    import botocore.exceptions
+
+    bucket = remote[len("s3://") :].split("/", 1)[0]
+    try:
+        boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL")).head_bucket(
+            Bucket=bucket
+        )
+    except botocore.exceptions.ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code"))
+        if code in ("404", "NoSuchBucket"):
+            return RuntimeError("NoSuchBucket")
+        if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+            return RuntimeError(f"AccessDenied ({code})")
+        return e
+    except botocore.exceptions.BotoCoreError as e:
+        return e
+    return None
+
+
 def _explain(remote: str, e: Exception) -> DataError:
     """One line for the ways a source fails to open."""
     text = f"{type(e).__name__}: {e}"
@@ -61,6 +84,22 @@ def _explain(remote: str, e: Exception) -> DataError:
     return DataError(f"cannot open shards at {remote}: {why}")
 
 
+def _shard_error(remote: str, e: Exception) -> Exception:
+    """A clear error for a shard that failed to arrive or to verify."""
+    text = str(e)
+    if "Checksum failure" in text:
+        shard = Path(text.split(":", 1)[1].strip()).name
+        return DataError(
+            f"shard {shard} of {remote} failed its sha1 check (corrupted); "
+            "convert or upload it again"
+        )
+    if isinstance(e, DataError):
+        return e
+    return DataError(
+        f"cannot read a shard of {remote}: {type(e).__name__}: {text.splitlines()[0][:300]}"
+    )
+
+
 def open_dataset(
     cfg: DataConfig, remote: str | None = None, feature_dim: int | None = None, **kw: Any
 ):
@@ -77,17 +116,27 @@ def open_dataset(
     _s3_env(cfg)
 
     class Decoded(StreamingDataset):
+        _failure: Exception | None = None
+
+        def on_exception(self, future) -> None:
+            # Streaming's download threads end the epoch early and only log their error;
+            # keep it, so that __iter__ can raise it instead of ending a short epoch quietly.
+            if future.exception() is not None:
+                self._failure = future.exception()
+            super().on_exception(future)
+
+        def __iter__(self):
+            yield from super().__iter__()
+            if self._failure is not None:
+                raise _shard_error(remote, self._failure)
+
         def __getitem__(self, idx: int) -> dict[str, Any] | None:
             try:
                 raw = super().__getitem__(idx)
-            except Exception as e:
-                if "Checksum failure" in str(e):
-                    shard = str(e).split(":")[-1].strip()
-                    raise DataError(
-                        f"shard {shard} of {remote} failed its sha1 check (corrupted); "
-                        "convert or upload it again"
-                    ) from None
+            except DataError:
                 raise
+            except Exception as e:
+                raise _shard_error(remote, e) from None
             return decode(raw, cfg, feature_dim)
 
     try:
@@ -103,6 +152,8 @@ def open_dataset(
     except DataError:
         raise
     except Exception as e:
+        if remote.startswith("s3://"):
+            e = _probe_s3(remote) or e
         raise _explain(remote, e) from None
 
 
@@ -196,9 +247,14 @@ class Collate:
                 anchors[k, : len(pairs)] = torch.tensor(pairs)
                 valid[k, : len(pairs)] = True
         return Batch(
-            ids, text_mask, feats, boxes, region_mask, concepts,
+            ids,
+            text_mask,
+            feats,
+            boxes,
+            region_mask,
+            concepts,
             Anchors(anchors[..., 0], anchors[..., 1], anchors[..., 2], valid),
-        )  # fmt: skip
+        )
 
 
 def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):

@@ -68,15 +68,14 @@ class WorldConfig:
     """Processes that render images in parallel."""
 
 
+MIN_IMAGES = 40
+"""Fewer images would leave some split of some task empty."""
+
+
 def _split_of(index: int, n: int) -> str:
-    frac = index / max(n, 1)
-    return (
-        "train"
-        if frac < SPLITS["train"]
-        else "val"
-        if frac < SPLITS["train"] + SPLITS["val"]
-        else "test"
-    )
+    """Last tenth (at least 2 images) test, the tenth before val, the rest train."""
+    held = max(2, round(n * SPLITS["test"]))
+    return "train" if index < n - 2 * held else "val" if index < n - held else "test"
 
 
 def _regions_line(key: str, image, det, feature_dim: int) -> str:
@@ -105,7 +104,9 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     out = Path(out)
     for sub in ("images", "features", "coco", "vqa", "snli_ve", "nlvr2", "refcoco+"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    n, pairs = cfg.images, max(cfg.images // 4, 2)
+    if cfg.images < MIN_IMAGES:
+        raise ValueError(f"the scene world needs at least {MIN_IMAGES} images, got {cfg.images}")
+    n, pairs = cfg.images, max(cfg.images // 4, 20)
     jobs = [(str(i), i, out, cfg) for i in range(n)]
     nlvr_keys = []
     for p in range(pairs):
@@ -237,8 +238,9 @@ def _write_refcoco(out: Path, scenes: list[list[Obj]], rng) -> dict:
     ann_id = sent_id = 0
     for i, objs in enumerate(scenes):
         split = _split_of(i, n)
-        if split == "test":
-            split = "testA" if i % 2 == 0 else "testB"
+        if split == "test":  # UNC style: testA images are those mostly of group A
+            in_a = sum(o.shape in group_a for o in objs)
+            split = "testA" if 2 * in_a >= len(objs) else "testB"
         images.append(_coco_image(i))
         for k, o in enumerate(objs):
             ann_id += 1

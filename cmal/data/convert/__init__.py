@@ -110,18 +110,18 @@ class SampleBuilder:
             feature_dim,
         )
 
-    def regions(self, key: str, sample: str) -> Regions:
+    def regions(self, key: str) -> Regions:
         """The image's regions, highest confidence first, at most ``max_regions``."""
         r = self.features[key]
         if self.feature_dim is None:
             self.feature_dim = r.features.shape[1]
         if r.features.shape[1] != self.feature_dim:
             raise DataError(
-                f"sample {sample}: image {key}: region features have {r.features.shape[1]} "
+                f"image {key}: region features have {r.features.shape[1]} "
                 f"dims, the shards so far have {self.feature_dim}"
             )
         if len(r.tags) == 0:
-            raise DataError(f"sample {sample}: image {key}: no regions")
+            raise DataError(f"image {key}: no regions")
         order = np.argsort(-r.confidences, kind="stable")[: self.max_regions]
         return Regions(
             r.features[order], r.boxes[order], [r.tags[i] for i in order], r.confidences[order]
@@ -151,8 +151,14 @@ class SampleBuilder:
         return ids, cols
 
     def build(self, rec: Record) -> dict[str, Any]:
-        """The MDS sample of a record."""
-        ids, cols = self.image_columns(self.regions(rec.image, rec.id), rec.text)
+        """The MDS sample of a record; a DataError names the sample."""
+        try:
+            return self._build(rec)
+        except DataError as e:
+            raise DataError(f"sample {rec.id}: {e}") from None
+
+    def _build(self, rec: Record) -> dict[str, Any]:
+        ids, cols = self.image_columns(self.regions(rec.image), rec.text)
         sample = {
             "id": rec.id,
             "image": rec.image,
@@ -161,7 +167,7 @@ class SampleBuilder:
         }
         sample.update(cols)
         if rec.image2 is not None:
-            _, cols2 = self.image_columns(self.regions(rec.image2, rec.id), rec.text, "2")
+            _, cols2 = self.image_columns(self.regions(rec.image2), rec.text, "2")
             sample.update(cols2)
             sample["image2"] = rec.image2
         sample.update(rec.extra)

@@ -41,6 +41,9 @@ def records(path: str | Path) -> Iterator[Record]:
                 )
             stem = "-".join(parts[:3])
             yield Record(
-                ident, f"{stem}-img0", get(rec, "sentence", str, where),
-                {"label": int(label == "True")}, image2=f"{stem}-img1",
-            )  # fmt: skip
+                ident,
+                f"{stem}-img0",
+                get(rec, "sentence", str, where),
+                {"label": int(label == "True")},
+                image2=f"{stem}-img1",
+            )

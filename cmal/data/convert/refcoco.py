@@ -57,6 +57,8 @@ def records(refs: str | Path, instances: str | Path, split: str) -> Iterator[Rec
         for j, sent in enumerate(get(ref, "sentences", list, where)):
             swhere = f"{where}.sentences[{j}]"
             yield Record(
-                str(get(sent, "sent_id", int, swhere)), str(image), get(sent, "sent", str, swhere),
+                str(get(sent, "sent_id", int, swhere)),
+                str(image),
+                get(sent, "sent", str, swhere),
                 {"ref_id": get(ref, "ref_id", int, where), "target_box": target},
-            )  # fmt: skip
+            )

@@ -19,8 +19,9 @@ from cmal.data.features import FeatureSource
 from cmal.model.anchors import ConceptVocab
 
 
-def convert_world(world: str | Path, out: str | Path, tokenizer, max_text_len: int = 40,
-                  max_regions: int = 36) -> dict[str, Converted]:  # fmt: skip
+def convert_world(
+    world: str | Path, out: str | Path, tokenizer, max_text_len: int = 40, max_regions: int = 36
+) -> dict[str, Converted]:
     """Shards under ``out/<set>/<split>`` for pretrain, vqa, ve, nlvr2, rec_gt, rec_det."""
     w, out = Path(world), Path(out)
     classes = read_classes(w / "classes.txt")
@@ -28,9 +29,12 @@ def convert_world(world: str | Path, out: str | Path, tokenizer, max_text_len: i
 
     def builder(kind: str) -> SampleBuilder:
         return SampleBuilder(
-            FeatureSource(w / "features" / f"{kind}.tsv", classes), vocab, tokenizer,
-            max_text_len, max_regions,
-        )  # fmt: skip
+            FeatureSource(w / "features" / f"{kind}.tsv", classes),
+            vocab,
+            tokenizer,
+            max_text_len,
+            max_regions,
+        )
 
     det, gt = builder("det"), builder("gt")
     jobs = {

@@ -1,0 +1,165 @@
+"""Streaming the shards: local folder and a real S3 server, resume, ranks, bad shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, start_moto
+from streaming import StreamingDataset
+from streaming.base.util import clean_stale_shared_memory
+
+from cmal.config import load_config
+from cmal.data.errors import DataError
+from cmal.data.stream import make_loader, open_dataset
+
+
+def cfg_for(remote: str, cache, *more: str):
+    return load_config(
+        None, [f"data.remote={remote}", f"data.local={cache}", "data.batch_size=8", *more]
+    ).data
+
+
+def epoch(data_cfg, stop_after: int | None = None, state=None):
+    """Sample ids of one epoch (or its first batches), and the loader state at the end."""
+    clean_stale_shared_memory()
+    ds = open_dataset(data_cfg, feature_dim=128)
+    loader = make_loader(data_cfg, ds, 40, 36)
+    if state is not None:
+        loader.load_state_dict(state)
+    ids = []
+    for k, batch in enumerate(loader):
+        ids += batch["ids"]
+        if stop_after is not None and k + 1 == stop_after:
+            break
+    out = loader.state_dict()
+    del loader, ds
+    return ids, out
+
+
+def all_ids(folder) -> list[str]:
+    ds = StreamingDataset(local=str(folder), shuffle=False)
+    return [ds[i]["id"] for i in range(len(ds))]
+
+
+def test_local_epoch_covers_every_sample_once(world, tmp_path):
+    shards = world / "shards/pretrain/train"
+    ids, _ = epoch(cfg_for(str(shards), tmp_path / "c"))
+    assert sorted(ids) == sorted(all_ids(shards))
+    assert not any(p.name.endswith(".tmp") for p in shards.iterdir())
+
+
+def test_batches_are_model_ready(world, tmp_path):
+    clean_stale_shared_memory()
+    data = cfg_for(str(world / "shards/nlvr2/train"), tmp_path / "c", "data.workers=0")
+    batch = next(iter(make_loader(data, open_dataset(data, feature_dim=128), 40, 36)))
+    b, b2 = batch["batch"], batch["batch2"]
+    assert b.input_ids.shape[0] == 8 and b.region_feats.shape[-1] == 128
+    assert b.text_mask[:, 0].all() and b2.region_mask.any(1).all()
+    assert set(batch["label"].tolist()) <= {0, 1}
+    j = b.anchors.text_pos[b.anchors.valid]
+    assert (j > 0).all()
+
+
+def test_s3_matches_local(world, s3, tmp_path):
+    remote = "s3://cmal/world/pretrain/train"
+    ids, _ = epoch(cfg_for(remote, tmp_path / "c", f"data.s3_endpoint={s3}"))
+    assert sorted(ids) == sorted(all_ids(world / "shards/pretrain/train"))
+
+
+def test_mid_epoch_resume_yields_exactly_the_unseen(world, s3, tmp_path):
+    data = cfg_for("s3://cmal/world/pretrain/train", tmp_path / "c", f"data.s3_endpoint={s3}")
+    full, _ = epoch(data)
+    first, state = epoch(data, stop_after=5)
+    rest, _ = epoch(data, state=state)
+    assert len(first) == 40
+    assert not set(first) & set(rest)
+    assert sorted(first + rest) == sorted(full)
+
+
+def test_two_ranks_two_workers_are_disjoint_and_cover(world, tmp_path):
+    shards = world / "shards/pretrain/train"
+    procs = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29533",
+        }
+        code = (
+            "import json,sys; sys.path.insert(0, 'tests');"
+            "from test_stream import cfg_for, epoch;"
+            f"ids, _ = epoch(cfg_for({str(shards)!r}, {str(tmp_path / 'c')!r}, 'data.workers=2'));"
+            f"json.dump(ids, open({str(tmp_path / f'r{rank}.json')!r}, 'w'))"
+        )
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env))
+    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
+    assert r0 and r1 and not set(r0) & set(r1)
+    assert sorted(r0 + r1) == sorted(all_ids(shards))
+
+
+def test_corrupted_shard_is_named(world, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(world / "shards/vqa/val", src)
+    shard = next(src.glob("*.mds"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"shard .*{shard.name}.* failed its sha1 check"):
+        epoch(cfg_for(str(src), tmp_path / "c", "data.workers=0"))
+
+
+def test_missing_folder_bucket_and_bad_credentials(s3, tmp_path):
+    with pytest.raises(DataError, match="no index.json there"):
+        open_dataset(cfg_for(str(tmp_path / "none"), tmp_path / "c"))
+    with pytest.raises(DataError, match=r"s3://nobucket/x: the bucket does not exist"):
+        open_dataset(cfg_for("s3://nobucket/x", tmp_path / "c2", f"data.s3_endpoint={s3}"))
+    proc, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # this one checks keys
+    try:
+        with pytest.raises(DataError, match="refused the credentials"):
+            open_dataset(
+                cfg_for("s3://cmal/world/vqa/val", tmp_path / "c3", f"data.s3_endpoint={url}")
+            )
+    finally:
+        proc.kill()
+
+
+def test_bad_sample_is_named_or_skipped(tmp_path):
+    import numpy as np
+    from streaming import MDSWriter
+
+    from cmal.data.schema import columns
+
+    good = {
+        "id": "ok",
+        "image": "1",
+        "text": "a dog",
+        "input_ids": np.array([101, 1037, 3899, 102], np.int32),
+        "anchors": [[2, 0, 0]],
+        "feats": np.zeros((2, 128), np.float16),
+        "boxes": np.zeros((2, 4), np.float32),
+        "concepts": np.zeros(2, np.int32),
+        "tags": ["dog", "cat"],
+        "confidences": np.ones(2, np.float32),
+    }
+    bad = {**good, "id": "broken", "feats": np.zeros((2, 7), np.float16)}
+    with MDSWriter(out=str(tmp_path / "s"), columns=columns("pretrain"), hashes=["sha1"]) as w:
+        for s in (good, bad, good):
+            w.write(s)
+    with pytest.raises(DataError, match=r"sample 'broken' \(image '1'\): feats: shape \(2, 7\)"):
+        epoch(cfg_for(str(tmp_path / "s"), tmp_path / "c", "data.workers=0", "data.shuffle=false"))
+    clean_stale_shared_memory()
+    data = cfg_for(
+        str(tmp_path / "s"), tmp_path / "c2", "data.workers=0", "data.on_bad_sample=skip"
+    )
+    batches = list(make_loader(data, open_dataset(data, feature_dim=128), 40, 36))
+    assert sum(b["skipped"] for b in batches) == 1 and sum(len(b["ids"]) for b in batches) == 2
