@@ -76,6 +76,48 @@ def model_summary(
     typer.echo(summary_table(build_model(cfg.model)))
 
 
+@app.command("pretrain")
+@user_errors
+def pretrain_cmd(
+    config: str | None = ConfigOption,
+    overrides: list[str] = Overrides,
+    force: bool = typer.Option(
+        False, help="Load the newest checkpoint even if its config differs."
+    ),
+) -> None:
+    """Pre-train CMAL (resumes the run's newest checkpoint by itself)."""
+    from cmal.engine.loop import PREEMPTED_EXIT, NonFiniteLoss
+    from cmal.stages import pretrain
+
+    cfg = load_config(config, overrides or [])
+    try:
+        outcome = pretrain(cfg, force=force)
+    except NonFiniteLoss as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3) from None
+    typer.echo(
+        f"{outcome.status} at step {outcome.step}: "
+        + " ".join(f"{k}={v:.4f}" for k, v in outcome.losses.items())
+    )
+    if outcome.status == "preempted":
+        raise typer.Exit(PREEMPTED_EXIT)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run folder (runs/<name>)."),
+    to: str = typer.Option("fp32", help="Only fp32: consolidated safetensors."),
+    out: Path | None = typer.Option(None, help="Output file (default RUN/model.fp32.safetensors)."),
+) -> None:
+    """Write the run's newest checkpoint as consolidated fp32 safetensors (no DeepSpeed needed)."""
+    from cmal.stages import export_fp32
+
+    if to != "fp32":
+        raise ConfigError(f"--to {to!r}: only fp32 is supported")
+    typer.echo(f"wrote {export_fp32(run, out or run / 'model.fp32.safetensors')}")
+
+
 @data_app.command("world")
 @user_errors
 def data_world(

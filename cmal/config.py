@@ -180,6 +180,8 @@ class DataConfig:
 
     remote: str = "data/world/shards/pretrain/train"
     """Shard folder: a local path or s3://bucket/prefix."""
+    val_remote: str | None = None
+    """Validation shards (same forms as ``remote``), for ``engine.eval_every``."""
     local: str | None = None
     """Cache folder for shards read from ``remote``; None: a per-source temp folder."""
     s3_endpoint: str | None = None
@@ -200,6 +202,71 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW with linear warm-up, then decay."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not on biases, LayerNorms and embeddings' scales)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to ``lr`` over this many optimizer steps."""
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    """Shape of the decay after warm-up, down to ``min_lr_ratio * lr`` at the last step."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a share of ``lr``."""
+
+
+@dataclass
+class EngineConfig:
+    """The DeepSpeed engine and the training loop."""
+
+    steps: int = 1000
+    """Optimizer steps of the run."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    offload: bool = False
+    """ZeRO-Offload: keep optimizer state on the CPU (stage >= 1)."""
+    log_every: int = 10
+    """Write a JSONL log line (and update the progress bar) every this many steps."""
+    eval_every: int = 0
+    """Validation losses every this many steps (0: never); needs ``data.val_remote``."""
+    eval_batches: int = 20
+    """Batches of each validation."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss: stop with an error naming the step and the term (keeping the last
+    good checkpoint), or skip that step on every rank."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often the run saves itself."""
+
+    root: str = "runs"
+    """Folder that holds run folders (``<root>/<name>``)."""
+    every: int = 100
+    """Save every this many optimizer steps (and at the end)."""
+    keep: int = 3
+    """Complete checkpoints kept (the oldest are deleted after ``latest`` moves)."""
+    signal: Literal["SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT"] = "SIGUSR2"
+    """Signal that means "save and exit, I will be requeued" (SIGUSR2 is submitit's)."""
+
+
+@dataclass
 class Config:
     """A run's configuration."""
 
@@ -211,6 +278,12 @@ class Config:
     """The model."""
     data: DataConfig = field(default_factory=DataConfig)
     """The data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer and its schedule."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The engine and the loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -255,6 +328,17 @@ def _check_values(cfg: Config, source: str) -> None:
     d = cfg.data
     need(d.batch_size > 0, "data.batch_size", "must be > 0")
     need(d.workers >= 0, "data.workers", "must be >= 0")
+    e = cfg.engine
+    need(e.steps > 0, "engine.steps", "must be > 0")
+    need(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
+    need(e.grad_accum >= 1, "engine.grad_accum", "must be >= 1")
+    need(e.log_every >= 1, "engine.log_every", "must be >= 1")
+    need(not e.offload or e.zero_stage >= 1, "engine.offload", "needs engine.zero_stage >= 1")
+    need(not e.eval_every or d.val_remote is not None, "engine.eval_every", "needs data.val_remote")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty name without '/'")
 
 
 def _type_name(tp: Any) -> str:
@@ -407,9 +491,24 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+HASH_EXEMPT = (
+    ("checkpoint", "root"),
+    ("checkpoint", "keep"),
+    ("data", "local"),
+    ("data", "s3_endpoint"),
+    ("data", "workers"),
+    ("engine", "log_every"),
+)
+"""Fields that say where things are or how often to report, not what is trained: a run
+may move or change them and still resume its checkpoints."""
+
+
 def config_hash(cfg: Any) -> str:
-    """Stable short hash of the resolved config (key order does not matter)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    """Stable short hash of what the resolved config trains (see :data:`HASH_EXEMPT`)."""
+    data = to_dict(cfg)
+    for section, key in HASH_EXEMPT:
+        data.get(section, {}).pop(key, None)
+    blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -269,4 +269,7 @@ def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         drop_last=False,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a
+        # resumed run would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.shuffle_seed),
     )

@@ -79,7 +79,7 @@ class Hypersphere(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
         radius = cfg.scale_init if cfg.scale_init is not None else math.sqrt(out_dim)
-        self.radius = nn.Parameter(torch.tensor(float(radius)), requires_grad=cfg.learn_scale)
+        self.radius = nn.Parameter(torch.tensor([float(radius)]), requires_grad=cfg.learn_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(x), dim=-1) * self.radius

@@ -84,7 +84,7 @@ class ContrastiveHead(nn.Module):
         super().__init__()
         self.text = nn.Linear(hidden, hidden)
         self.image = nn.Linear(hidden, hidden)
-        self.log_inv_temp = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.log_inv_temp = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
 
     def forward(self, text_cls: torch.Tensor, image_pool: torch.Tensor) -> torch.Tensor:
         """(B, d), (B, d) -> symmetric InfoNCE loss over the batch."""

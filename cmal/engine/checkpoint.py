@@ -1,0 +1,220 @@
+"""Atomic checkpoints under ``<run>/checkpoints``, a ``latest`` pointer written last,
+keep-K, and discovery of the newest complete checkpoint at start.
+
+A checkpoint is written into ``.tmp-step_N`` by every rank (DeepSpeed's save is
+collective), then rank 0 renames it to ``step_N`` and only then replaces ``latest``. A
+process killed at any point leaves ``latest`` naming a complete checkpoint (or no
+``latest``); a stale ``.tmp-*`` folder is removed by the next save.
+
+Each checkpoint holds: DeepSpeed's engine state (module, optimizer, LR scheduler) under
+``ds/``, every rank's RNG states, and ``state.json`` with the step, the data loader's
+state, the world size, the ZeRO stage and the resolved config with its hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cmal.config import Config, ConfigError, config_hash, to_dict
+
+TAG = "ds"
+LATEST = "latest"
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the step touches."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint folder that was renamed into place (so every part of it is there)."""
+    return path.name.startswith("step_") and (path / "state.json").is_file()
+
+
+class Checkpointer:
+    """Saves and finds the checkpoints of one run."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config, rank: int, world_size: int):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.hash = config_hash(cfg)
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, engine, step: int, data_state: dict | None) -> Path:
+        """Collective: every rank must call it at the same step."""
+        final = self.dir / step_dir(step)
+        tmp = self.dir / f".tmp-{step_dir(step)}"
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
+        torch.save(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            state = {
+                "step": step,
+                "world_size": self.world_size,
+                "zero_stage": self.cfg.engine.zero_stage,
+                "config_hash": self.hash,
+                "config": to_dict(self.cfg),
+                "data": data_state,
+            }
+            write_atomic(tmp / "state.json", json.dumps(state, indent=1))
+            if final.exists():  # the same step saved before (e.g. at the end after a resume)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            write_atomic(self.dir / LATEST, final.name + "\n")
+            self._prune(keep=final.name)
+        dist.barrier()
+        return final
+
+    def _prune(self, keep: str) -> None:
+        done = sorted(p for p in self.dir.iterdir() if is_complete(p))
+        for old in done[: -self.cfg.checkpoint.keep]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in self.dir.glob(".tmp-*"):
+            if stale.name != f".tmp-{keep}":
+                shutil.rmtree(stale, ignore_errors=True)
+
+    # ------------------------------------------------------------------ finding
+
+    def newest(self) -> Path | None:
+        """The newest complete checkpoint: ``latest`` if it names one, else the newest
+        complete folder. Decided on rank 0 and broadcast, so every rank agrees."""
+        choice = [None]
+        if self.rank == 0:
+            choice[0] = self._find()
+        if dist.is_initialized() and self.world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
+
+    def _find(self) -> str | None:
+        pointer = self.dir / LATEST
+        if pointer.is_file():
+            named = self.dir / pointer.read_text().strip()
+            if is_complete(named):
+                return str(named)
+        if not self.dir.is_dir():
+            return None
+        done = sorted(p for p in self.dir.iterdir() if is_complete(p))
+        return str(done[-1]) if done else None
+
+    # ------------------------------------------------------------------ loading
+
+    def read_state(self, path: Path, force: bool) -> dict:
+        """The checkpoint's state.json, refusing one saved under another config."""
+        state = json.loads((path / "state.json").read_text())
+        if state["config_hash"] != self.hash and not force:
+            raise ConfigError(
+                f"{path}: saved with config hash {state['config_hash']}, "
+                f"this run's is {self.hash}; "
+                "the config changed since that checkpoint. Use --force to load it anyway, or "
+                "give the run another name"
+            )
+        return state
+
+    def load(self, engine, path: Path, state: dict) -> str:
+        """Restore engine (and RNG) state; returns how: "exact" or "weights" (world size or
+        ZeRO stage changed: consolidated fp32 weights, fresh optimizer moments)."""
+        same = (
+            state["world_size"] == self.world_size
+            and state["zero_stage"] == self.cfg.engine.zero_stage
+        )
+        if same:
+            engine.load_checkpoint(
+                str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            set_rng_state(torch.load(path / f"rng_rank{self.rank:05d}.pt", weights_only=False))
+            return "exact"
+        if state["zero_stage"] < 3 and self.cfg.engine.zero_stage < 3:
+            # Below ZeRO-3 the module file holds the whole model whatever the world size;
+            # DeepSpeed's module-only load also refreshes ZeRO's fp32 master copy.
+            engine.load_checkpoint(
+                str(path), tag=TAG, load_module_only=True,
+                load_optimizer_states=False, load_lr_scheduler_states=False,
+            )  # fmt: skip
+        else:
+            import deepspeed
+
+            weights = consolidated_state_dict(path)
+            for name, p in engine.module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if self.rank == 0:
+                        p.data.copy_(weights[name].to(p.dtype))
+            if hasattr(engine.optimizer, "refresh_fp32_params"):
+                engine.optimizer.refresh_fp32_params()
+        for _ in range(state["step"]):
+            engine.lr_scheduler.step()
+        rng = path / f"rng_rank{self.rank:05d}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        return "weights"
+
+
+def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint folder, whatever its ZeRO stage and world size."""
+    path = Path(path)
+    ds = path / TAG
+    if any(ds.glob("*zero_pp_rank_*_optim_states.pt")):
+        # ZeRO 1-3: the fp32 master weights are spread over the ranks' optimizer files.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
+        return {k: v.float() for k, v in state.items()}
+    model_file = ds / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise ConfigError(f"{path}: no model states found (not a cmal checkpoint?)")
+    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}

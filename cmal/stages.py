@@ -1,0 +1,109 @@
+"""The units a workflow chains: pretrain(cfg) — and the export of a run's weights.
+
+A run has a name; its folder ``<checkpoint.root>/<name>`` holds the resolved config, the
+checkpoints, the JSONL log and (later) metrics and predictions. Job ids never name folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmal.config import Config, save_config, to_yaml
+from cmal.model.cmal import CMAL, Batch
+
+
+class PretrainObjective(nn.Module):
+    """What the engine trains in pre-training: batch -> dict of losses."""
+
+    def __init__(self, model: CMAL):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.model.pretrain_losses(batch)
+
+
+def run_dir(cfg: Config) -> Path:
+    """The run's folder."""
+    return Path(cfg.checkpoint.root) / cfg.name
+
+
+def pretrain(cfg: Config, force: bool = False, quiet: bool = False):
+    """Pre-train (or resume) the run named by ``cfg.name``; returns the loop's Outcome."""
+    from cmal.data.stream import make_loader, open_dataset
+    from cmal.engine.checkpoint import Checkpointer
+    from cmal.engine.deepspeed import build_engine, init_world
+    from cmal.engine.loop import train, validation_losses
+    from cmal.pretrained import build_model
+
+    world = init_world(cfg)
+    folder = run_dir(cfg)
+    if world.is_main:
+        save_config(cfg, folder)
+        if not quiet:
+            print(f"# resolved config -> {folder / 'config.yaml'}\n{to_yaml(cfg)}", file=sys.stderr)
+            print(
+                f"# world: {world.size} process(es), this is rank {world.rank}, "
+                f"device {world.device}, "
+                f"{str(world.dtype).removeprefix('torch.')}, ZeRO stage {cfg.engine.zero_stage}",
+                file=sys.stderr,
+            )
+    torch.manual_seed(cfg.seed)
+    module = PretrainObjective(build_model(cfg.model))
+    engine, _ = build_engine(module, cfg, world)
+    ckpt = Checkpointer(folder, cfg, world.rank, world.size)
+    start, data_state = 0, None
+    newest = ckpt.newest()
+    if newest is not None:
+        state = ckpt.read_state(newest, force)
+        how = ckpt.load(engine, newest, state)
+        start, data_state = state["step"], state["data"]
+        if world.is_main and not quiet:
+            print(f"# resumed from {newest} (step {start}, {how})", file=sys.stderr)
+    else:
+        # Each rank draws its own masks and swaps; ranks differ, runs repeat.
+        torch.manual_seed(cfg.seed * 1000 + world.rank)
+    fdim = cfg.model.visual.feature_dim
+    dataset = open_dataset(cfg.data, feature_dim=fdim)
+    loader = make_loader(cfg.data, dataset, cfg.model.max_text_len, cfg.model.max_regions)
+    if data_state:
+        loader.load_state_dict(data_state)
+    evaluate = None
+    if cfg.engine.eval_every:
+        val_cfg = dataclasses.replace(cfg.data, shuffle=False, local=None)
+        val_set = open_dataset(val_cfg, remote=cfg.data.val_remote, feature_dim=fdim)
+        val_loader = make_loader(val_cfg, val_set, cfg.model.max_text_len, cfg.model.max_regions)
+
+        def evaluate():
+            return validation_losses(engine, val_loader, world, cfg.engine.eval_batches)
+
+    return train(engine, loader, cfg, world, ckpt, folder / "log.jsonl", start, evaluate)
+
+
+def export_fp32(run: str | Path, out: str | Path) -> Path:
+    """Write the newest checkpoint of ``run`` as one safetensors file of fp32 CMAL weights
+    (loadable with ``CMAL(cfg).load_state_dict`` and no DeepSpeed)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from cmal.config import ConfigError
+    from cmal.engine.checkpoint import LATEST, consolidated_state_dict, is_complete
+
+    ckpts = Path(run) / "checkpoints"
+    pointer = ckpts / LATEST
+    if not pointer.is_file() or not is_complete(ckpts / pointer.read_text().strip()):
+        raise ConfigError(f"{run}: no complete checkpoint (expected {pointer} naming one)")
+    path = ckpts / pointer.read_text().strip()
+    weights = consolidated_state_dict(path)
+    weights = {k.removeprefix("model."): v.contiguous() for k, v in weights.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    step = json.loads((path / "state.json").read_text())["step"]
+    save_file(weights, str(out), metadata={"source": str(path), "step": str(step)})
+    return out
