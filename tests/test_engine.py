@@ -13,9 +13,9 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, _free_port
 
 from cmal.engine.loop import PREEMPTED_EXIT
-from conftest import ROOT, _free_port
 
 
 def write_config(tmp_path, world, name="run", **extra) -> str:
