@@ -103,6 +103,41 @@ def pretrain_cmd(
         raise typer.Exit(PREEMPTED_EXIT)
 
 
+@app.command("demo")
+@user_errors
+def demo(
+    world: Path = typer.Option(
+        Path("data/world"), help="Where the scene world is (made if missing)."
+    ),
+    config: str = typer.Option("configs/pretrain/world.yaml", "--config", "-c"),
+    overrides: list[str] = Overrides,
+) -> None:
+    """The main job on the embedded default: make the scene world (once), pre-train the small
+    model on it on this machine, and print how the losses moved."""
+    import json
+
+    from cmal.stages import pretrain, run_dir
+
+    if not (world / "shards" / "pretrain" / "train" / "index.json").is_file():
+        typer.echo(f"# making the scene world in {world}")
+        data_world(out=world, images=2000, seed=0, feature_dim=128, workers=2, shards=True)
+    cfg = load_config(config, overrides or [])
+    outcome = pretrain(cfg)
+    rows = [json.loads(x) for x in (run_dir(cfg) / "log.jsonl").read_text().splitlines()]
+    typer.echo(f"\n{outcome.status} at step {outcome.step}; run folder {run_dir(cfg)}")
+    for name, prefix in (("train", ""), ("validation", "val_")):
+        series = [r for r in rows if f"{prefix}loss" in r]
+        if series:
+            a, b = series[0], series[-1]
+            terms = [
+                t
+                for t in ("loss", "amc", "mlm", "itm", "itc")
+                if prefix + t in a and prefix + t in b
+            ]
+            moved = ", ".join(f"{t} {a[prefix + t]:.3f} -> {b[prefix + t]:.3f}" for t in terms)
+            typer.echo(f"{name} (step {a['step']} -> {b['step']}): {moved}")
+
+
 @app.command("export")
 @user_errors
 def export_cmd(
