@@ -25,9 +25,9 @@ test: setup
     {{bin}}/ruff format --check cmal tests bench
     {{bin}}/python -m pytest -q
 
-# The main job on the embedded default (see README).
+# The main job on the embedded default: scene world -> pretrain -> fine-tune x4 -> evaluate x4.
 demo: setup
-    {{bin}}/cmal demo
+    {{bin}}/cmal run workflows/world.yaml
 
 # Parameters and FLOPs of a model size: just summary base
 summary size="base": setup

@@ -103,39 +103,98 @@ def pretrain_cmd(
         raise typer.Exit(PREEMPTED_EXIT)
 
 
-@app.command("demo")
+@app.command("finetune")
 @user_errors
-def demo(
-    world: Path = typer.Option(
-        Path("data/world"), help="Where the scene world is (made if missing)."
+def finetune_cmd(
+    task: str = typer.Option(..., help="vqa, ve, nlvr2 or rec"),
+    source: str | None = typer.Option(
+        None, "--from", help="Pre-training run folder, checkpoint folder or .safetensors."
     ),
-    config: str = typer.Option("configs/pretrain/world.yaml", "--config", "-c"),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="Default: configs/finetune/<task>.yaml"
+    ),
     overrides: list[str] = Overrides,
+    force: bool = typer.Option(
+        False, help="Load the newest checkpoint even if its config differs."
+    ),
 ) -> None:
-    """The main job on the embedded default: make the scene world (once), pre-train the small
-    model on it on this machine, and print how the losses moved."""
+    """Fine-tune on a downstream task, then evaluate it (resumes by itself)."""
+    from cmal.downstream import finetune, metrics_table
+    from cmal.engine.loop import PREEMPTED_EXIT
+    from cmal.tasks import get_task
+
+    get_task(task)
+    config = config or f"configs/finetune/{task}.yaml"
+    extra = [f"task.name={task}"] + ([f"task.init_from={source}"] if source else [])
+    cfg = load_config(config, [*(overrides or []), *extra])
+    outcome, metrics = finetune(cfg, force=force)
+    typer.echo(f"{outcome.status} at step {outcome.step}")
+    if metrics:
+        typer.echo(metrics_table(task, metrics))
+    if outcome.status == "preempted":
+        raise typer.Exit(PREEMPTED_EXIT)
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    task: str = typer.Option(..., help="vqa, ve, nlvr2 or rec"),
+    run: Path | None = typer.Option(None, help="Fine-tuned run folder to evaluate."),
+    split: list[str] = typer.Option([], help="Split(s); default: the task's evaluation splits."),
+    predictions: Path | None = typer.Option(None, help="Score this prediction file instead."),
+    questions: Path | None = typer.Option(None, help="vqa: official questions json"),
+    annotations: Path | None = typer.Option(None, help="vqa: official annotations json"),
+    jsonl: Path | None = typer.Option(None, help="ve: snli_ve_<split>.jsonl"),
+    statements: Path | None = typer.Option(None, "--json", help="nlvr2: <split>.json"),
+    refs: Path | None = typer.Option(None, help="rec: refs(unc).p"),
+    instances: Path | None = typer.Option(None, help="rec: instances.json"),
+) -> None:
+    """Evaluate a fine-tuned run, or score a prediction file against official annotations."""
     import json
 
-    from cmal.stages import pretrain, run_dir
+    from cmal.downstream import evaluate, metrics_table, score_predictions
 
-    if not (world / "shards" / "pretrain" / "train" / "index.json").is_file():
-        typer.echo(f"# making the scene world in {world}")
-        data_world(out=world, images=2000, seed=0, feature_dim=128, workers=2, shards=True)
-    cfg = load_config(config, overrides or [])
-    outcome = pretrain(cfg)
-    rows = [json.loads(x) for x in (run_dir(cfg) / "log.jsonl").read_text().splitlines()]
-    typer.echo(f"\n{outcome.status} at step {outcome.step}; run folder {run_dir(cfg)}")
-    for name, prefix in (("train", ""), ("validation", "val_")):
-        series = [r for r in rows if f"{prefix}loss" in r]
-        if series:
-            a, b = series[0], series[-1]
-            terms = [
-                t
-                for t in ("loss", "amc", "mlm", "itm", "itc")
-                if prefix + t in a and prefix + t in b
-            ]
-            moved = ", ".join(f"{t} {a[prefix + t]:.3f} -> {b[prefix + t]:.3f}" for t in terms)
-            typer.echo(f"{name} (step {a['step']} -> {b['step']}): {moved}")
+    if predictions is not None:
+        files = {
+            k: v
+            for k, v in {
+                "questions": questions,
+                "annotations": annotations,
+                "jsonl": jsonl,
+                "json": statements,
+                "refs": refs,
+                "instances": instances,
+            }.items()
+            if v
+        }
+        if len(split) > 1:
+            raise ConfigError("--predictions scores one split at a time")
+        result = score_predictions(task, predictions, files, split[0] if split else None)
+        typer.echo(json.dumps(result, indent=1))
+        return
+    if run is None:
+        raise ConfigError("evaluate needs --run RUN (or --predictions FILE with annotation files)")
+    metrics = evaluate(run, task, split or None, quiet=True)
+    typer.echo(metrics_table(task, metrics))
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    workflow: Path = typer.Argument(..., help="workflows/<chain>.yaml"),
+    overrides: list[str] = Overrides,
+) -> None:
+    """Run a chain of stages; done stages are skipped, interrupted ones resume."""
+    from cmal.engine.loop import PREEMPTED_EXIT
+    from cmal.workflow import Runner, StageFailed, load_workflow
+
+    try:
+        status = Runner(load_workflow(workflow, overrides or []), echo=typer.echo).run()
+    except StageFailed as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if status == "preempted":
+        raise typer.Exit(PREEMPTED_EXIT)
 
 
 @app.command("export")

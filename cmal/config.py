@@ -267,6 +267,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Fine-tuning and evaluation on a downstream task."""
+
+    name: str | None = None
+    """vqa, ve, nlvr2 or rec (``--task`` sets it)."""
+    data_root: str = "data/world/shards"
+    """Folder or s3:// prefix holding the task's shard sets (``vqa/train``, ``rec_gt/val``…)."""
+    init_from: str | None = None
+    """Starting weights: a pre-training run folder, a checkpoint folder or a .safetensors
+    file (``--from``); None: the model as initialised (the untrained baseline)."""
+    eval_splits: list[str] = field(default_factory=list)
+    """Splits evaluated after fine-tuning; empty: the task's own (e.g. val and test)."""
+    answers: int = 3129
+    """VQA: size of the answer vocabulary (most frequent normalised training answers)."""
+
+
+@dataclass
 class Config:
     """A run's configuration."""
 
@@ -284,6 +301,8 @@ class Config:
     """The engine and the loop."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Downstream task (fine-tuning and evaluation only)."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -339,6 +358,8 @@ def _check_values(cfg: Config, source: str) -> None:
     need(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty name without '/'")
+    tasks = ("vqa", "ve", "nlvr2", "rec")
+    need(cfg.task.name in (None, *tasks), "task.name", f"must be one of {', '.join(tasks)}")
 
 
 def _type_name(tp: Any) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cmal.config import Config, save_config, to_yaml
-from cmal.model.cmal import CMAL, Batch
+from cmal.model.cmal import CMAL
 
 
 class PretrainObjective(nn.Module):
@@ -24,8 +24,8 @@ class PretrainObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.model.pretrain_losses(batch)
+    def forward(self, item: dict) -> dict[str, torch.Tensor]:
+        return self.model.pretrain_losses(item["batch"])
 
 
 def run_dir(cfg: Config) -> Path:
@@ -33,28 +33,25 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.checkpoint.root) / cfg.name
 
 
-def pretrain(cfg: Config, force: bool = False, quiet: bool = False):
-    """Pre-train (or resume) the run named by ``cfg.name``; returns the loop's Outcome."""
+def announce(cfg: Config, world, folder: Path, quiet: bool) -> None:
+    if world.is_main and not quiet:
+        print(f"# resolved config -> {folder / 'config.yaml'}\n{to_yaml(cfg)}", file=sys.stderr)
+        print(
+            f"# world: {world.size} process(es), this is rank {world.rank}, "
+            f"device {world.device}, "
+            f"{str(world.dtype).removeprefix('torch.')}, ZeRO stage {cfg.engine.zero_stage}",
+            file=sys.stderr,
+        )
+
+
+def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool):
+    """Wrap ``module`` in the engine, resume the run's newest checkpoint, run the loop."""
     from cmal.data.stream import make_loader, open_dataset
     from cmal.engine.checkpoint import Checkpointer
-    from cmal.engine.deepspeed import build_engine, init_world
+    from cmal.engine.deepspeed import build_engine
     from cmal.engine.loop import train, validation_losses
-    from cmal.pretrained import build_model
 
-    world = init_world(cfg)
     folder = run_dir(cfg)
-    if world.is_main:
-        save_config(cfg, folder)
-        if not quiet:
-            print(f"# resolved config -> {folder / 'config.yaml'}\n{to_yaml(cfg)}", file=sys.stderr)
-            print(
-                f"# world: {world.size} process(es), this is rank {world.rank}, "
-                f"device {world.device}, "
-                f"{str(world.dtype).removeprefix('torch.')}, ZeRO stage {cfg.engine.zero_stage}",
-                file=sys.stderr,
-            )
-    torch.manual_seed(cfg.seed)
-    module = PretrainObjective(build_model(cfg.model))
     engine, _ = build_engine(module, cfg, world)
     ckpt = Checkpointer(folder, cfg, world.rank, world.size)
     start, data_state = 0, None
@@ -85,13 +82,23 @@ def pretrain(cfg: Config, force: bool = False, quiet: bool = False):
     return train(engine, loader, cfg, world, ckpt, folder / "log.jsonl", start, evaluate)
 
 
-def export_fp32(run: str | Path, out: str | Path) -> Path:
-    """Write the newest checkpoint of ``run`` as one safetensors file of fp32 CMAL weights
-    (loadable with ``CMAL(cfg).load_state_dict`` and no DeepSpeed)."""
-    import json
+def pretrain(cfg: Config, force: bool = False, quiet: bool = False):
+    """Pre-train (or resume) the run named by ``cfg.name``; returns the loop's Outcome."""
+    from cmal.engine.deepspeed import init_world
+    from cmal.pretrained import build_model
 
-    from safetensors.torch import save_file
+    world = init_world(cfg)
+    folder = run_dir(cfg)
+    if world.is_main:
+        save_config(cfg, folder)
+    announce(cfg, world, folder, quiet)
+    torch.manual_seed(cfg.seed)
+    return train_module(cfg, world, PretrainObjective(build_model(cfg.model)), force, quiet)
 
+
+def newest_weights(run: str | Path) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of the run's newest complete checkpoint, named as in the
+    module the engine trained (``model.…``, ``head.…``)."""
     from cmal.config import ConfigError
     from cmal.engine.checkpoint import LATEST, consolidated_state_dict, is_complete
 
@@ -99,11 +106,18 @@ def export_fp32(run: str | Path, out: str | Path) -> Path:
     pointer = ckpts / LATEST
     if not pointer.is_file() or not is_complete(ckpts / pointer.read_text().strip()):
         raise ConfigError(f"{run}: no complete checkpoint (expected {pointer} naming one)")
-    path = ckpts / pointer.read_text().strip()
-    weights = consolidated_state_dict(path)
-    weights = {k.removeprefix("model."): v.contiguous() for k, v in weights.items()}
+    return consolidated_state_dict(ckpts / pointer.read_text().strip())
+
+
+def export_fp32(run: str | Path, out: str | Path) -> Path:
+    """Write the newest checkpoint of ``run`` as one safetensors file of fp32 weights (for a
+    pre-training run: loadable with ``CMAL(cfg).load_state_dict``, no DeepSpeed needed)."""
+    from safetensors.torch import save_file
+
+    weights = newest_weights(run)
+    if all(k.startswith("model.") for k in weights):
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    step = json.loads((path / "state.json").read_text())["step"]
-    save_file(weights, str(out), metadata={"source": str(path), "step": str(step)})
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out), metadata={"run": str(run)})
     return out

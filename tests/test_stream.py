@@ -163,3 +163,20 @@ def test_bad_sample_is_named_or_skipped(tmp_path):
     )
     batches = list(make_loader(data, open_dataset(data, feature_dim=128), 40, 36))
     assert sum(b["skipped"] for b in batches) == 1 and sum(len(b["ids"]) for b in batches) == 2
+
+
+def test_reconverted_source_is_never_read_stale(world, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(world / "shards/ve/dev", src)
+    data = load_config(None, [f"data.remote={src}", "data.workers=0", "data.shuffle=false"]).data
+    first, _ = epoch(data)
+    shutil.rmtree(src)
+    shutil.copytree(world / "shards/ve/test", src)  # converted again, same path
+    second, _ = epoch(data)
+    assert sorted(second) == sorted(all_ids(world / "shards/ve/test")) != sorted(first)
+    pinned = cfg_for(str(src), tmp_path / "pinned", "data.workers=0")
+    epoch(pinned)
+    shutil.rmtree(src)
+    shutil.copytree(world / "shards/ve/dev", src)
+    with pytest.raises(DataError, match="holds a cache of another version"):
+        epoch(pinned)

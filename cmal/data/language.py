@@ -123,15 +123,36 @@ def human_answers(rng: np.random.Generator, answer: str, kind: str, n: int = 10)
 
 
 def hypotheses(rng: np.random.Generator, objs: list[Obj]) -> list[tuple[str, str]]:
-    """One (hypothesis, gold_label) per SNLI-VE label."""
-    present = {(o.colour, o.shape) for o in objs}
-    colour, shape = _pick(rng, sorted(present))
-    entail = f"There is {article(colour)} {colour} {shape}."
+    """One (hypothesis, gold_label) per SNLI-VE label, from templates shared between labels
+    so that the text alone cannot tell the label: "There is a red disc." is entailed or
+    contradicted by the image, "The red disc is made of wood." is neutral or contradicted."""
+    present = sorted({(o.colour, o.shape) for o in objs})
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    counts = Counter(o.shape for o in objs)
+
+    def exists(c: str, s: str) -> str:
+        return f"There is {article(c)} {c} {s}."
+
+    def count(s: str, n: int) -> str:
+        return f"There are {NUMBERS[n]} {plural(s)}." if n != 1 else f"There is one {s}."
+
+    c, s = _pick(rng, present)
+    if rng.random() < 0.5:
+        entail = exists(c, s)
+    else:
+        entail = count(s, counts[s])
+    kind = int(rng.integers(3))
     c2, s2 = _pick(rng, absent)
-    contra = f"There is {article(c2)} {c2} {s2} in the picture."
-    colour, shape = _pick(rng, sorted(present))
-    neutral = _pick(rng, NEUTRAL).format(a=article(colour).capitalize(), c=colour, s=shape)
+    if kind == 0:
+        contra = exists(c2, s2)
+    elif kind == 1:
+        contra = _pick(rng, NEUTRAL).format(a=article(c2).capitalize(), c=c2, s=s2)
+    else:
+        s3 = _pick(rng, list(SHAPES))
+        wrong = [n for n in range(1, 6) if n != counts[s3]]
+        contra = count(s3, _pick(rng, wrong))
+    c, s = _pick(rng, present)
+    neutral = _pick(rng, NEUTRAL).format(a=article(c).capitalize(), c=c, s=s)
     return [(entail, "entailment"), (contra, "contradiction"), (neutral, "neutral")]
 
 

@@ -35,7 +35,8 @@ TASK_COLUMNS: dict[str, dict[str, str]] = {
     "vqa": {"question_id": "int", "answers": "json"},  # answers: the ten human answers
     "ve": {"label": "int"},  # 0 entailment, 1 neutral, 2 contradiction
     "nlvr2": {"label": "int", **SECOND_IMAGE_COLUMNS},  # 1 = True
-    "rec": {"ref_id": "int", "target_box": "ndarray:float32"},  # target: x1, y1, x2, y2 / size
+    # target: x1, y1, x2, y2 / image size; image_size: width, height in pixels
+    "rec": {"ref_id": "int", "target_box": "ndarray:float32", "image_size": "ndarray:float32"},
 }
 
 VE_LABELS = ("entailment", "neutral", "contradiction")

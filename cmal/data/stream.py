@@ -26,11 +26,35 @@ from cmal.model.cmal import Batch
 from cmal.model.prompt import Anchors
 
 
+def _index_bytes(remote: str) -> bytes | None:
+    """The source's index.json (None when it cannot be read; opening then says why)."""
+    if not remote.startswith("s3://"):
+        path = Path(remote) / "index.json"
+        return path.read_bytes() if path.is_file() else None
+    import boto3
+
+    bucket, _, prefix = remote[len("s3://") :].partition("/")
+    try:
+        client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+        key = f"{prefix.rstrip('/')}/index.json" if prefix else "index.json"
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception:
+        return None
+
+
 def cache_folder(cfg: DataConfig, remote: str) -> str:
-    """The local cache of a source: ``cfg.local`` or a per-source temp folder."""
+    """The local cache of a source: ``cfg.local``, or a temp folder named by the source and
+    the content of its index.json — so shards converted again are never read stale."""
+    index = _index_bytes(remote)
     if cfg.local:
+        cached = Path(cfg.local) / "index.json"
+        if index is not None and cached.is_file() and cached.read_bytes() != index:
+            raise DataError(
+                f"data.local={cfg.local} holds a cache of another version of {remote}; "
+                "delete that folder or point data.local elsewhere"
+            )
         return cfg.local
-    tag = hashlib.sha1(remote.encode()).hexdigest()[:12]
+    tag = hashlib.sha1(remote.encode() + (index or b"")).hexdigest()[:16]
     return str(Path(tempfile.gettempdir()) / "cmal-cache" / tag)
 
 
@@ -211,8 +235,9 @@ class Collate:
         for key in ("label", "question_id", "ref_id"):
             if key in good[0]:
                 out[key] = torch.tensor([s[key] for s in good])
-        if "target_box" in good[0]:
-            out["target_box"] = torch.as_tensor(np.stack([s["target_box"] for s in good]))
+        for key in ("target_box", "image_size"):
+            if key in good[0]:
+                out[key] = torch.as_tensor(np.stack([s[key] for s in good]))
         if "answers" in good[0]:
             out["answers"] = [s["answers"] for s in good]
         return out

@@ -1,8 +1,9 @@
 """The training loop: step, accumulate, log, evaluate, save — and save-on-signal at a step
 boundary with the flag all-reduced, so every rank saves together.
 
-The loop never knows which task it trains: it is given a module whose forward returns a
-dict of losses with the total under ``"loss"``, and a loader of batches.
+The loop never knows which task it trains: it is given a module whose forward takes a
+collated item (``cmal.data.stream.Collate``) and returns a dict of losses with the total
+under ``"loss"``, and a loader of such items.
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ class Progress:
             print(file=sys.stderr)
 
 
+def to_device(item: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The collated item with its batches and tensors on ``device`` (lists stay)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in item.items()}
+
+
 def _reduce_mean(values: dict[str, float], world: World) -> dict[str, float]:
     if world.size == 1:
         return values
@@ -136,8 +142,7 @@ def train(
                 tw = time.perf_counter()
                 item = next(batches)
                 wait += time.perf_counter() - tw
-                batch = item["batch"].to(world.device)
-                losses = engine(batch)
+                losses = engine(to_device(item, world.device))
                 flags = torch.tensor(
                     [float(not torch.isfinite(losses["loss"]).item()), float(stop.raised)]
                 )
@@ -160,7 +165,7 @@ def train(
                 engine.backward(losses["loss"])
                 engine.step()
                 micro += 1
-                samples += batch.input_ids.shape[0]
+                samples += len(item["ids"])
                 for k, v in losses.items():
                     window[k] = window.get(k, 0.0) + v.item() / e.grad_accum
             step += 1
@@ -218,7 +223,7 @@ def validation_losses(module, loader, world: World, batches: int) -> dict[str, f
         for item in loader:
             if "batch" not in item:
                 continue
-            for k, v in module(item["batch"].to(world.device)).items():
+            for k, v in module(to_device(item, world.device)).items():
                 total[k] = total.get(k, 0.0) + v.item()
             n += 1
             if n == batches:

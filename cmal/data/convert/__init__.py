@@ -7,7 +7,8 @@ them with region features, tokenises, computes anchors and writes the shards.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,8 +56,6 @@ def _as_tuple(kind) -> tuple[type, ...]:
 
 def load_json(path: str | Path) -> Any:
     """A JSON file, or a DataError naming it."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
@@ -64,6 +63,22 @@ def load_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for every non-empty line of a JSON-lines file; bad lines are a
+    DataError naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{path}: line {n}"
+                try:
+                    yield where, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e})") from None
 
 
 def read_classes(path: str | Path | None) -> list[str] | None:

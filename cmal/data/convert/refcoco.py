@@ -60,5 +60,9 @@ def records(refs: str | Path, instances: str | Path, split: str) -> Iterator[Rec
                 str(get(sent, "sent_id", int, swhere)),
                 str(image),
                 get(sent, "sent", str, swhere),
-                {"ref_id": get(ref, "ref_id", int, where), "target_box": target},
+                {
+                    "ref_id": get(ref, "ref_id", int, where),
+                    "target_box": target,
+                    "image_size": np.array([w, h], np.float32),
+                },
             )

@@ -1,0 +1,211 @@
+"""The downstream stages: finetune(cfg) and evaluate(run), and scoring a prediction file.
+
+A fine-tuning run folder holds, besides what every run holds, ``task.json`` (the task and
+what it learned from its training data, e.g. VQA's answer vocabulary), ``metrics.json``
+and ``predictions_<split>.json`` in the official formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cmal.config import Config, ConfigError, config_from_dict, save_config
+from cmal.model.cmal import CMAL
+from cmal.stages import announce, newest_weights, run_dir, train_module
+from cmal.tasks import Objective, Task, get_task
+
+
+def _join(root: str, sub: str) -> str:
+    return f"{root.rstrip('/')}/{sub}"
+
+
+def pretrained_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """CMAL weights (no task head) from a run folder, a checkpoint folder or a .safetensors."""
+    from cmal.engine.checkpoint import LATEST, consolidated_state_dict, is_complete
+
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ConfigError(f"task.init_from: no such file {path}")
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path))
+    elif (path / "checkpoints" / LATEST).is_file():
+        named = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
+        if not is_complete(named):
+            raise ConfigError(f"task.init_from: {path} has no complete checkpoint")
+        weights = consolidated_state_dict(named)
+    elif is_complete(path):
+        weights = consolidated_state_dict(path)
+    else:
+        raise ConfigError(
+            f"task.init_from: {path} is not a run folder, a checkpoint folder "
+            "or a .safetensors file"
+        )
+    if any(k.startswith("model.") for k in weights):  # saved from an engine module
+        weights = {k[len("model.") :]: v for k, v in weights.items() if k.startswith("model.")}
+    return weights
+
+
+def load_into(model: CMAL, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load CMAL weights, or say which parameters do not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or wrong:
+        what = f"{len(missing)} missing (e.g. {missing[:1]})" if missing else ""
+        what += f" {len(wrong)} of another shape (e.g. {wrong[:1]})" if wrong else ""
+        raise ConfigError(f"{source}: weights do not fit this model config: {what.strip()}")
+    model.load_state_dict({k: weights[k] for k in own})
+
+
+def _task_info(cfg: Config, task: Task, world, folder: Path) -> dict[str, Any]:
+    """The task's info, computed once on rank 0 (from the training shards) and shared."""
+    from cmal.data.stream import open_dataset
+
+    path = folder / "task.json"
+    box: list[Any] = [None]
+    if world.is_main:
+        if path.is_file():
+            box[0] = json.loads(path.read_text())
+        else:
+            data = dataclasses.replace(cfg.data, shuffle=False, local=None)
+            info = task.prepare(open_dataset(data, feature_dim=cfg.model.visual.feature_dim), cfg)
+            box[0] = {"task": task.name, **info}
+            path.write_text(json.dumps(box[0]))
+    if world.size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def finetune(cfg: Config, force: bool = False, quiet: bool = False, evaluate: bool = True):
+    """Fine-tune on ``cfg.task.name`` from ``cfg.task.init_from``, then (``evaluate``)
+    evaluate on ``task.eval_splits``; returns (outcome, metrics)."""
+    from cmal.engine.deepspeed import init_world
+    from cmal.pretrained import build_model
+
+    if cfg.task.name is None:
+        raise ConfigError("fine-tuning needs a task (--task vqa|ve|nlvr2|rec or task.name)")
+    task = get_task(cfg.task.name)
+    cfg.data.remote = _join(cfg.task.data_root, task.train_set)
+    world = init_world(cfg)
+    folder = run_dir(cfg)
+    if world.is_main:
+        _check_run_task(folder, task)
+        save_config(cfg, folder)
+    announce(cfg, world, folder, quiet)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    if cfg.task.init_from:
+        load_into(model, pretrained_weights(cfg.task.init_from), cfg.task.init_from)
+    info = _task_info(cfg, task, world, folder)
+    module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
+    outcome = train_module(cfg, world, module, force, quiet)
+    if outcome.status == "done" and evaluate:
+        metrics = evaluate_module(
+            cfg, task, module, world, folder, cfg.task.eval_splits or task.eval_splits
+        )
+        return outcome, metrics
+    return outcome, {}
+
+
+def _check_run_task(folder: Path, task: Task) -> None:
+    info = folder / "task.json"
+    if info.is_file():
+        had = json.loads(info.read_text()).get("task")
+        if had != task.name:
+            raise ConfigError(f"run folder {folder} was fine-tuned for {had}, not {task.name}")
+
+
+def evaluate_module(
+    cfg: Config, task: Task, module: Objective, world, folder: Path, splits
+) -> dict:
+    """Metrics of ``module`` on every eval set of ``splits``; predictions and metrics.json
+    written by rank 0. Predictions are gathered with a collective, never through files."""
+    from cmal.data.stream import make_loader, open_dataset
+    from cmal.engine.loop import to_device
+
+    module = module.to(world.device).eval()
+    metrics: dict[str, dict[str, float]] = {}
+    for split in splits:
+        for label, subset in task.eval_sets(split):
+            data = dataclasses.replace(cfg.data, shuffle=False, local=None)
+            dataset = open_dataset(
+                data,
+                remote=_join(cfg.task.data_root, subset),
+                feature_dim=cfg.model.visual.feature_dim,
+            )
+            loader = make_loader(data, dataset, cfg.model.max_text_len, cfg.model.max_regions)
+            mine: list[dict] = []
+            for item in loader:
+                if "batch" in item:
+                    mine += module.predict(to_device(item, world.device))
+            gathered: list[list[dict]] = [mine]
+            if world.size > 1:
+                gathered = [None] * world.size  # type: ignore[list-item]
+                dist.all_gather_object(gathered, mine)
+            # Streaming pads ranks to equal length by repeating samples: count each id once.
+            unique = {p["id"]: p for part in gathered for p in part}
+            preds = list(unique.values())
+            scores = [p["score"] for p in preds if not math.isnan(p["score"])]
+            metrics[label] = {"accuracy": sum(scores) / len(scores) if scores else float("nan"),
+                              "n": float(len(preds))}  # fmt: skip
+            if world.is_main:
+                task.write(preds, folder, label)
+    if world.is_main:
+        path = folder / "metrics.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**old, **metrics}, indent=1))
+    return metrics
+
+
+def evaluate(
+    run: str | Path, task_name: str, splits: list[str] | None = None, quiet: bool = False
+) -> dict:
+    """Evaluate a fine-tuned run folder on its task's splits."""
+    from cmal.engine.deepspeed import init_world
+
+    task = get_task(task_name)
+    folder = Path(run)
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(f"{folder}: not a run folder (no config.yaml)")
+    import yaml
+
+    cfg = config_from_dict(
+        yaml.safe_load((folder / "config.yaml").read_text()), str(folder / "config.yaml")
+    )
+    if not (folder / "task.json").is_file():
+        raise ConfigError(f"{folder}: not a fine-tuning run (no task.json); fine-tune it first")
+    _check_run_task(folder, task)
+    info = json.loads((folder / "task.json").read_text())
+    world = init_world(cfg)
+    model = CMAL(cfg.model)
+    module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
+    module.load_state_dict(newest_weights(folder))
+    metrics = evaluate_module(cfg, task, module, world, folder, splits or list(task.eval_splits))
+    if world.is_main and not quiet:
+        print(metrics_table(task.name, metrics), file=sys.stdout)
+    return metrics
+
+
+def metrics_table(task: str, metrics: dict[str, dict[str, float]]) -> str:
+    """A plain table: one row per evaluated split."""
+    lines = [f"{task:<8}{'split':<14}{'accuracy':>10}{'n':>8}"]
+    for label, m in metrics.items():
+        lines.append(f"{'':<8}{label:<14}{100 * m['accuracy']:>9.2f}%{int(m['n']):>8}")
+    return "\n".join(lines)
+
+
+def score_predictions(
+    task_name: str, predictions: Path, files: dict[str, Path], split: str | None
+) -> dict:
+    """Score a prediction file against the official annotation files (no model)."""
+    return get_task(task_name).score_file(Path(predictions), files, split)

@@ -1,0 +1,137 @@
+"""Downstream tasks. A task file is the only place that knows its dataset fields, its head,
+its loss, its official metric and its prediction format; this module holds what they share.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmal.config import ConfigError
+from cmal.data.convert import load_json, read_jsonl
+from cmal.model.cmal import CMAL
+
+TASKS = ("vqa", "ve", "nlvr2", "rec")
+
+
+class Task:
+    """A downstream task; the subclasses fill in the task-specific parts."""
+
+    name: str = ""
+    train_set: str = ""
+    """Shard folder (under the data root) of the training split."""
+    eval_splits: tuple[str, ...] = ()
+    """Splits evaluated by default."""
+
+    def eval_sets(self, split: str) -> list[tuple[str, str]]:
+        """(label, shard folder) pairs that ``split`` is evaluated on."""
+        raise NotImplementedError
+
+    def prepare(self, train_dataset, cfg) -> dict[str, Any]:
+        """Task information learned from the training data (saved with the run)."""
+        return {}
+
+    def head(self, hidden: int, info: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def logits(self, model: CMAL, head: nn.Module, item: dict[str, Any]) -> torch.Tensor:
+        """Task logits of a collated item (the model's [CLS] by default)."""
+        return head(model(item["batch"])[:, 0])
+
+    def loss(
+        self, logits: torch.Tensor, item: dict[str, Any], info: dict[str, Any]
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(
+        self, logits: torch.Tensor, item: dict[str, Any], info: dict[str, Any]
+    ) -> list[dict]:
+        """One record per example: its id, its prediction, and ``score`` (its metric value)."""
+        raise NotImplementedError
+
+    def write(self, predictions: list[dict], folder: Path, label: str) -> Path:
+        """Write predictions in the official submission format; returns the file."""
+        raise NotImplementedError
+
+    def score_file(
+        self, predictions: Path, files: dict[str, Path], split: str | None
+    ) -> dict[str, float]:
+        """Score a prediction file against the official annotation files (no model)."""
+        raise NotImplementedError
+
+
+class Objective(nn.Module):
+    """What the engine trains when fine-tuning: item -> {"loss"}."""
+
+    def __init__(self, task: Task, model: CMAL, head: nn.Module, info: dict[str, Any]):
+        super().__init__()
+        self.task, self.model, self.head, self.info = task, model, head, info
+
+    def forward(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits = self.task.logits(self.model, self.head, item)
+        return {"loss": self.task.loss(logits, item, self.info)}
+
+    @torch.no_grad()
+    def predict(self, item: dict[str, Any]) -> list[dict]:
+        return self.task.predict(self.task.logits(self.model, self.head, item), item, self.info)
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``, or a one-line error listing the known ones."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+    from importlib import import_module
+
+    return import_module(f"cmal.tasks.{name}").TASK
+
+
+class LabelTask(Task):
+    """A task whose answer is one of ``labels``: cross-entropy, accuracy, and predictions
+    as ``{id: label}`` scored against a JSON-lines annotation file."""
+
+    labels: tuple[str, ...] = ()
+    """Label names in class-index order."""
+    annotation_flag: str = ""
+    """The ``cmal evaluate`` flag naming the annotation file."""
+    id_field: str = ""
+    """Field of an annotation line holding the example's id."""
+    label_field: str = ""
+    """Field of an annotation line holding its gold label."""
+
+    def loss(self, logits, item, info) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), item["label"])
+
+    def predict(self, logits, item, info) -> list[dict]:
+        pred = logits.argmax(-1).tolist()
+        gold = item["label"].tolist()
+        return [
+            {"id": i, "label": self.labels[p], "score": float(p == g)}
+            for i, p, g in zip(item["ids"], pred, gold, strict=True)
+        ]
+
+    def write(self, predictions, folder: Path, label: str) -> Path:
+        path = folder / f"predictions_{label}.json"
+        path.write_text(json.dumps({p["id"]: p["label"] for p in predictions}))
+        return path
+
+    def score_file(self, predictions, files, split):
+        key = self.annotation_flag.removeprefix("--")
+        if key not in files:
+            raise ConfigError(f"{self.name} scoring needs {self.annotation_flag}")
+        gold = {str(r[self.id_field]): str(r[self.label_field]) for _, r in read_jsonl(files[key])}
+        preds = load_json(predictions)
+        if not isinstance(preds, dict):
+            raise ConfigError(f"{predictions}: expected a JSON object {{id: label}}")
+        missing = [k for k in gold if k not in preds]
+        if missing:
+            raise ConfigError(
+                f"{predictions}: {len(missing)} of {len(gold)} ids have no prediction "
+                f"(first: {missing[0]!r})"
+            )
+        correct = sum(str(preds[k]) == v for k, v in gold.items())
+        return {"accuracy": correct / max(len(gold), 1), "n": float(len(gold))}

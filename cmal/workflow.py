@@ -1,0 +1,251 @@
+"""``cmal run workflows/<chain>.yaml``: a chain of stages (world → pretrain → finetune →
+evaluate), each recording its inputs, config hash and outputs in
+``<runs>/workflow-<name>.json``.
+
+A stage already done with the same hash is skipped; an interrupted one resumes from its
+run's newest checkpoint (the run does that by itself); a failed one stops the chain with
+the stage's name and its error. Stage kinds and their fields:
+
+- ``world``: ``out``, ``images``, ``seed`` — the scene world and its shards.
+- ``pretrain``: ``config``, ``overrides``.
+- ``finetune``: ``task``, ``config``, ``from`` (a stage name, a path, or ``none`` for the
+  untrained baseline), ``overrides``.
+- ``evaluate``: ``task``, ``run`` (a finetune stage's name), ``splits``.
+
+Top-level ``overrides`` apply to every config stage (before its own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmal.config import Config, ConfigError, config_hash, load_config
+
+KINDS = {
+    "world": {"name", "kind", "out", "images", "seed"},
+    "pretrain": {"name", "kind", "config", "overrides"},
+    "finetune": {"name", "kind", "task", "config", "from", "overrides"},
+    "evaluate": {"name", "kind", "task", "run", "splits"},
+}
+
+
+class StageFailed(RuntimeError):
+    """A stage failed; the message names it."""
+
+
+@dataclass
+class Workflow:
+    """A parsed workflow file."""
+
+    name: str
+    path: Path
+    stages: list[dict[str, Any]]
+    overrides: list[str] = field(default_factory=list)
+    runs_root: str = "runs"
+
+
+def load_workflow(path: str | Path, extra: list[str] | None = None) -> Workflow:
+    """Parse and check a workflow file (errors name the file, the stage and the field)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"workflow file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+        raise ConfigError(f"{path}: expected a mapping with a 'stages' list")
+    unknown = set(data) - {"name", "stages", "overrides", "runs"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
+    names: set[str] = set()
+    for k, st in enumerate(data["stages"]):
+        where = f"{path}: stages[{k}]"
+        if not isinstance(st, dict) or st.get("kind") not in KINDS:
+            raise ConfigError(f"{where}: 'kind' must be one of {', '.join(KINDS)}")
+        bad = set(st) - KINDS[st["kind"]]
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(bad)} for a {st['kind']} stage")
+        if not st.get("name") or st["name"] in names:
+            raise ConfigError(f"{where}: every stage needs a unique 'name'")
+        if st["kind"] == "evaluate" and st.get("run") not in names:
+            raise ConfigError(f"{where}: run: {st.get('run')!r} is not an earlier stage")
+        source = st.get("from")
+        if (
+            st["kind"] == "finetune"
+            and source not in (None, "none", *names)
+            and not Path(source).exists()
+        ):
+            raise ConfigError(f"{where}: from: {source!r} is neither an earlier stage nor a path")
+        for key in ("task",) if st["kind"] in ("finetune", "evaluate") else ():
+            if key not in st:
+                raise ConfigError(f"{where}: a {st['kind']} stage needs '{key}'")
+        names.add(st["name"])
+    return Workflow(
+        name=data.get("name") or path.stem,
+        path=path,
+        stages=data["stages"],
+        overrides=[*(data.get("overrides") or []), *(extra or [])],
+        runs_root=data.get("runs", "runs"),
+    )
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs a workflow's stages in order, keeping the state file up to date."""
+
+    def __init__(self, wf: Workflow, echo=print):
+        self.wf, self.echo = wf, echo
+        self.state_path = Path(wf.runs_root) / f"workflow-{wf.name}.json"
+        self.state: dict[str, Any] = (
+            json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        )
+        self.outputs: dict[str, dict[str, Any]] = {}
+        self.hashes: dict[str, str] = {}
+
+    def _save(self) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(self.state_path)
+
+    def config(self, st: dict[str, Any], extra: list[str]) -> Config:
+        return load_config(st["config"], [*self.wf.overrides, *(st.get("overrides") or []), *extra])
+
+    def plan(self, st: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The stage's hash (its config and its inputs' hashes) and its inputs."""
+        kind = st["kind"]
+        if kind == "world":
+            inputs = {k: st.get(k) for k in ("out", "images", "seed")}
+            return _digest(inputs), inputs
+        if kind == "pretrain":
+            cfg = self.config(st, [])
+            return _digest([config_hash(cfg)]), {"config": st["config"], "run": str(_run(cfg))}
+        if kind == "finetune":
+            source = st.get("from")
+            init = (
+                None
+                if source in (None, "none")
+                else self.outputs.get(source, {}).get("run", source)
+            )
+            extra = [
+                f"task.name={st['task']}",
+                f"task.init_from={init}" if init else "task.init_from=null",
+            ]
+            cfg = self.config(st, extra)
+            upstream = self.hashes.get(source, str(source))
+            return _digest([config_hash(cfg), upstream]), {
+                "config": st["config"],
+                "from": init,
+                "run": str(_run(cfg)),
+            }
+        run = self.outputs[st["run"]]["run"]
+        inputs = {"run": run, "task": st["task"], "splits": st.get("splits")}
+        return _digest([self.hashes[st["run"]], inputs]), inputs
+
+    def run(self) -> str:
+        """Run every stage; returns "done" or "preempted"."""
+        for st in self.wf.stages:
+            name = st["name"]
+            digest, inputs = self.plan(st)
+            self.hashes[name] = digest
+            rec = self.state.get(name, {})
+            if rec.get("status") == "done" and rec.get("hash") == digest and _present(rec):
+                self.echo(f"[{name}] done before with the same inputs: skipped")
+                self.outputs[name] = rec.get("outputs", {})
+                continue
+            self.echo(f"[{name}] {st['kind']} …")
+            self.state[name] = {
+                "status": "running",
+                "hash": digest,
+                "inputs": inputs,
+                "started": time.time(),
+            }
+            self._save()
+            try:
+                status, outputs = self.execute(st, inputs)
+            except Exception as e:
+                self.state[name].update(status="failed", error=f"{type(e).__name__}: {e}")
+                self._save()
+                raise StageFailed(f"stage {name!r} failed: {e}") from e
+            self.outputs[name] = outputs
+            self.state[name].update(status=status, outputs=outputs, finished=time.time())
+            self._save()
+            if status != "done":
+                self.echo(f"[{name}] {status}; run the workflow again to resume")
+                return status
+        self.echo(self.summary())
+        return "done"
+
+    def summary(self) -> str:
+        """Every evaluate stage's metrics, one line per evaluated split."""
+        lines = [f"\n# {self.wf.name}: results"]
+        for st in self.wf.stages:
+            if st["kind"] == "evaluate":
+                for label, m in self.outputs.get(st["name"], {}).get("metrics", {}).items():
+                    acc, n = 100 * m["accuracy"], int(m["n"])
+                    lines.append(f"{st['task']:<6} {label:<10} accuracy {acc:6.2f}%  (n={n})")
+        return "\n".join(lines)
+
+    def execute(self, st: dict[str, Any], inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        kind = st["kind"]
+        if kind == "world":
+            from cmal.data.convert.world import convert_world
+            from cmal.data.world import WorldConfig, generate
+            from cmal.pretrained import load_tokenizer
+
+            out = Path(inputs["out"])
+            generate(out, WorldConfig(images=int(inputs["images"]), seed=int(inputs["seed"])))
+            import shutil
+
+            shutil.rmtree(out / "shards", ignore_errors=True)
+            convert_world(out, out / "shards", load_tokenizer())
+            return "done", {"world": str(out), "shards": str(out / "shards")}
+        if kind == "pretrain":
+            from cmal.stages import pretrain
+
+            cfg = self.config(st, [])
+            outcome = pretrain(cfg, quiet=True)
+            return outcome.status, {
+                "run": inputs["run"],
+                "step": outcome.step,
+                "losses": outcome.losses,
+            }
+        if kind == "finetune":
+            from cmal.downstream import finetune
+
+            init = inputs["from"]
+            extra = [
+                f"task.name={st['task']}",
+                f"task.init_from={init}" if init else "task.init_from=null",
+            ]
+            outcome, _ = finetune(self.config(st, extra), quiet=True, evaluate=False)
+            return outcome.status, {"run": inputs["run"], "step": outcome.step}
+        from cmal.downstream import evaluate, metrics_table
+
+        metrics = evaluate(inputs["run"], st["task"], st.get("splits"), quiet=True)
+        self.echo(metrics_table(st["task"], metrics))
+        return "done", {"run": inputs["run"], "metrics": metrics}
+
+
+def _present(rec: dict[str, Any]) -> bool:
+    """Whether a done stage's outputs are still on disk (else it runs again)."""
+    out = rec.get("outputs", {})
+    if "shards" in out:
+        return (Path(out["shards"]) / "pretrain" / "train" / "index.json").is_file()
+    if "run" in out:
+        return (Path(out["run"]) / "checkpoints" / "latest").is_file()
+    return True
+
+
+def _run(cfg: Config) -> Path:
+    from cmal.stages import run_dir
+
+    return run_dir(cfg)

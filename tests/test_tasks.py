@@ -1,0 +1,343 @@
+"""Task metrics against values worked out by hand, prediction-file scoring, and the
+fine-tune -> evaluate chain end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from cmal.config import ConfigError
+from cmal.model.cmal import Batch
+from cmal.model.prompt import Anchors
+from cmal.tasks import get_task
+from cmal.tasks.vqa_normalize import accuracy, normalize
+
+
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("Two.", "2"),
+        ("the dog", "dog"),
+        ("dont", "don't"),
+        ("yes!", "yes"),
+        ("A Red-Ball", "red ball"),
+        ("1,000", "1000"),
+        ("none", "0"),
+        ("3.5", "3.5"),
+    ],
+)
+def test_vqa_normalisation(raw, norm):
+    assert normalize(raw) == norm
+
+
+def test_vqa_accuracy_by_hand():
+    assert accuracy("2", ["2"] * 10) == 1.0
+    # 3 of 10 say "2": leaving out one of them gives 2/3, any other annotator 3/3 -> 1
+    assert accuracy("2", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
+    # 2 of 10: (2 * 1/3 + 8 * 2/3) / 10
+    assert accuracy("two", ["2", "Two."] + ["3"] * 8) == pytest.approx(0.6)
+    # as in the official code: humans who all agree are not normalised
+    assert accuracy("2", ["two"] * 10) == 0.0
+    assert accuracy("dog", ["cat"] * 10) == 0.0
+
+
+def _rec_item(pred_box, target_box):
+    n, r = 1, 2
+    boxes = torch.tensor([[pred_box, [0.9, 0.9, 1.0, 1.0]]])
+    batch = Batch(
+        torch.tensor([[101, 102]]),
+        torch.ones(n, 2, dtype=torch.bool),
+        torch.zeros(n, r, 4),
+        boxes,
+        torch.ones(n, r, dtype=torch.bool),
+        torch.zeros(n, r, dtype=torch.long),
+        Anchors(
+            *(torch.zeros(n, 1, dtype=torch.long) for _ in range(3)),
+            torch.zeros(n, 1, dtype=torch.bool),
+        ),
+    )
+    return {
+        "batch": batch,
+        "ids": ["7"],
+        "ref_id": torch.tensor([3]),
+        "target_box": torch.tensor([target_box]),
+        "image_size": torch.tensor([[100.0, 50.0]]),
+    }
+
+
+def test_rec_iou_boundary_at_one_half():
+    rec = get_task("rec")
+    logits = torch.tensor([[5.0, 0.0]])  # picks region 0
+    hit = rec.predict(logits, _rec_item([0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 0.5]), {})
+    assert hit[0]["score"] == 1.0  # IoU exactly 0.5 counts
+    miss = rec.predict(logits, _rec_item([0.0, 0.0, 0.49, 0.5], [0.0, 0.0, 1.0, 0.5]), {})
+    assert miss[0]["score"] == 0.0
+    assert hit[0]["bbox"] == [0.0, 0.0, 50.0, 25.0]  # pixels, x y w h
+
+
+def test_vqa_score_file(tmp_path):
+    q = tmp_path / "q.json"
+    a = tmp_path / "a.json"
+    q.write_text(
+        json.dumps(
+            {
+                "questions": [
+                    {"question_id": 1, "image_id": 1, "question": "?"},
+                    {"question_id": 2, "image_id": 1, "question": "?"},
+                ]
+            }
+        )
+    )
+    anns = [
+        {
+            "question_id": 1,
+            "answer_type": "number",
+            "answers": [{"answer": x} for x in ["2"] * 3 + ["3"] * 7],
+        },
+        {
+            "question_id": 2,
+            "answer_type": "yes/no",
+            "answers": [{"answer": x} for x in ["yes"] * 9 + ["no"]],
+        },
+    ]
+    a.write_text(json.dumps({"annotations": anns}))
+    p = tmp_path / "pred.json"
+    p.write_text(
+        json.dumps([{"question_id": 1, "answer": "Two"}, {"question_id": 2, "answer": "Yes."}])
+    )
+    got = get_task("vqa").score_file(p, {"questions": q, "annotations": a}, None)
+    assert got["accuracy"] == pytest.approx((0.9 + 1.0) / 2)
+    assert got["accuracy/number"] == pytest.approx(0.9)
+    p.write_text(json.dumps([{"question_id": 1, "answer": "2"}]))
+    with pytest.raises(ConfigError, match="1 of 2 questions have no answer"):
+        get_task("vqa").score_file(p, {"questions": q, "annotations": a}, None)
+
+
+def test_id_label_and_rec_score_files(tmp_path):
+    ve = tmp_path / "ve.jsonl"
+    ve.write_text(
+        "".join(
+            json.dumps({"pairID": f"p{i}", "gold_label": g}) + "\n"
+            for i, g in enumerate(["entailment", "neutral", "contradiction", "neutral"])
+        )
+    )
+    p = tmp_path / "p.json"
+    p.write_text(
+        json.dumps({"p0": "entailment", "p1": "neutral", "p2": "neutral", "p3": "neutral"})
+    )
+    assert get_task("ve").score_file(p, {"jsonl": ve}, None)["accuracy"] == 0.75
+    p.write_text(json.dumps({"p0": "entailment"}))
+    with pytest.raises(ConfigError, match="3 of 4 ids have no prediction"):
+        get_task("ve").score_file(p, {"jsonl": ve}, None)
+
+    refs = [
+        {
+            "ref_id": 1,
+            "ann_id": 10,
+            "image_id": 5,
+            "split": "testA",
+            "sentences": [{"sent_id": 100}, {"sent_id": 101}],
+        },
+        {
+            "ref_id": 2,
+            "ann_id": 11,
+            "image_id": 5,
+            "split": "testA",
+            "sentences": [{"sent_id": 102}],
+        },
+        {"ref_id": 3, "ann_id": 11, "image_id": 5, "split": "val", "sentences": [{"sent_id": 103}]},
+    ]
+    (tmp_path / "refs.p").write_bytes(pickle.dumps(refs))
+    (tmp_path / "inst.json").write_text(
+        json.dumps(
+            {
+                "annotations": [
+                    {"id": 10, "bbox": [0, 0, 20, 10]},
+                    {"id": 11, "bbox": [50, 50, 10, 10]},
+                ]
+            }
+        )
+    )
+    p.write_text(
+        json.dumps(
+            [
+                {"sent_id": 100, "bbox": [0, 0, 10, 10]},  # IoU 0.5: hit
+                {"sent_id": 101, "bbox": [0, 0, 9, 10]},  # IoU 0.45: miss
+                {"ref_id": 2, "bbox": [50, 50, 10, 10]},  # by ref_id: hit
+            ]
+        )
+    )
+    files = {"refs": tmp_path / "refs.p", "instances": tmp_path / "inst.json"}
+    got = get_task("rec").score_file(p, files, "testA")
+    assert got == {"accuracy": pytest.approx(2 / 3), "n": 3.0}
+    with pytest.raises(ConfigError, match="1 expressions of split val have no box"):
+        get_task("rec").score_file(p, files, "val")
+
+
+def test_unknown_task_is_one_line():
+    res = subprocess.run(
+        [sys.executable, "-m", "cmal.cli", "evaluate", "--task", "caption", "--run", "x"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert (
+        res.returncode == 2
+        and "unknown task 'caption'; expected one of vqa, ve, nlvr2, rec" in res.stderr
+    )
+
+
+def _write_chain(tmp_path, world):
+    pre = {
+        "base": str(ROOT / "configs/model/tiny.yaml"),
+        "name": "t-pre",
+        "model": {
+            "num_concepts": 6,
+            "visual": {"feature_dim": 128},
+            "max_text_len": 32,
+            "max_regions": 8,
+        },
+        "data": {"remote": str(world / "shards/pretrain/train"), "batch_size": 8, "workers": 1},
+        "engine": {"steps": 4, "log_every": 2},
+        "optim": {"warmup_steps": 1},
+        "checkpoint": {"root": str(tmp_path / "runs")},
+        "task": {"data_root": str(world / "shards")},
+    }
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"base": "pre.yaml", "engine": {"steps": 4}}))
+    stages = [{"name": "pretrain", "kind": "pretrain", "config": str(tmp_path / "pre.yaml")}]
+    for t in ("vqa", "ve", "nlvr2", "rec"):
+        stages.append(
+            {
+                "name": f"ft-{t}",
+                "kind": "finetune",
+                "task": t,
+                "config": str(tmp_path / "ft.yaml"),
+                "from": "pretrain",
+                "overrides": [f"name=t-{t}"],
+            }
+        )
+        stages.append({"name": f"ev-{t}", "kind": "evaluate", "task": t, "run": f"ft-{t}"})
+    wf = tmp_path / "chain.yaml"
+    wf.write_text(
+        yaml.safe_dump({"name": "chain", "runs": str(tmp_path / "runs"), "stages": stages})
+    )
+    return wf
+
+
+def test_chain_runs_skips_and_metrics_match_across_ranks(world, tmp_path):
+    wf = _write_chain(tmp_path, world)
+    res = subprocess.run(
+        [sys.executable, "-m", "cmal.cli", "run", str(wf)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = tmp_path / "runs"
+    for t, labels in (
+        ("vqa", {"val", "test"}),
+        ("ve", {"dev", "test"}),
+        ("nlvr2", {"dev", "test1"}),
+        ("rec", {"gt/val", "det/val", "gt/testA", "det/testA", "gt/testB", "det/testB"}),
+    ):
+        metrics = json.loads((runs / f"t-{t}" / "metrics.json").read_text())
+        assert set(metrics) == labels
+        assert all(0.0 <= m["accuracy"] <= 1.0 and m["n"] > 0 for m in metrics.values())
+    vqa_pred = json.loads((runs / "t-vqa/predictions_val.json").read_text())
+    assert {"question_id", "answer"} == set(vqa_pred[0])
+    # the prediction file scores the same through the official files
+    w = world
+    scored = get_task("vqa").score_file(
+        runs / "t-vqa/predictions_val.json",
+        {
+            "questions": w / "vqa/v2_OpenEnded_mscoco_val_questions.json",
+            "annotations": w / "vqa/v2_mscoco_val_annotations.json",
+        },
+        None,
+    )
+    assert scored["accuracy"] == pytest.approx(
+        json.loads((runs / "t-vqa/metrics.json").read_text())["val"]["accuracy"]
+    )
+    state = json.loads((runs / "workflow-chain.json").read_text())
+    assert all(s["status"] == "done" for s in state.values())
+
+    again = subprocess.run(
+        [sys.executable, "-m", "cmal.cli", "run", str(wf)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert again.returncode == 0 and again.stdout.count("skipped") == 9
+
+    # evaluation on 2 ranks (gloo) gives the same metrics as on 1
+    import os
+
+    from conftest import _free_port
+
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cmal.cli",
+                "evaluate",
+                "--task",
+                "rec",
+                "--run",
+                str(runs / "t-rec"),
+                "--split",
+                "testA",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(r),
+                "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "DS_ACCELERATOR": "cpu",
+            },
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    two = json.loads((runs / "t-rec" / "metrics.json").read_text())
+    one = json.loads(
+        state["ev-rec"]["outputs"] and json.dumps(state["ev-rec"]["outputs"]["metrics"])
+    )
+    assert two["gt/testA"] == one["gt/testA"] and two["det/testA"] == one["det/testA"]
+
+
+def test_evaluate_bad_runs_are_one_line_errors(world, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "cmal.cli", "evaluate", "--task", "ve", "--run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 2 and "not a run folder" in res.stderr
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmal.cli",
+            "finetune",
+            "--task",
+            "ve",
+            "--from",
+            str(tmp_path / "nothing"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 2 and "task.init_from" in res.stderr and "Traceback" not in res.stderr
