@@ -57,7 +57,7 @@ class WorldConfig:
     """How big and how noisy the world is."""
 
     images: int = 2000
-    """Number of scene images (NLVR2 renders its own pairs on top: images / 4 pairs)."""
+    """Number of scene images (NLVR2 renders its own pairs on top: images / 2 pairs)."""
     seed: int = 0
     """Seed of the whole world."""
     feature_dim: int = 128
@@ -106,7 +106,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
         (out / sub).mkdir(parents=True, exist_ok=True)
     if cfg.images < MIN_IMAGES:
         raise ValueError(f"the scene world needs at least {MIN_IMAGES} images, got {cfg.images}")
-    n, pairs = cfg.images, max(cfg.images // 4, 20)
+    n, pairs = cfg.images, max(cfg.images // 2, 20)
     jobs = [(str(i), i, out, cfg) for i in range(n)]
     nlvr_keys = []
     for p in range(pairs):
