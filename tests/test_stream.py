@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, start_moto
+from conftest import ROOT, _free_port, start_moto
 from streaming import StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
@@ -83,7 +83,7 @@ def test_mid_epoch_resume_yields_exactly_the_unseen(world, s3, tmp_path):
 
 def test_two_ranks_two_workers_are_disjoint_and_cover(world, tmp_path):
     shards = world / "shards/pretrain/train"
-    procs = []
+    procs, port = [], str(_free_port())
     for rank in (0, 1):
         env = {
             **os.environ,
@@ -92,7 +92,7 @@ def test_two_ranks_two_workers_are_disjoint_and_cover(world, tmp_path):
             "LOCAL_RANK": str(rank),
             "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": "29533",
+            "MASTER_PORT": port,
         }
         code = (
             "import json,sys; sys.path.insert(0, 'tests');"
