@@ -96,13 +96,15 @@ def losses(run) -> dict[int, float]:
 
 
 def test_zero_stages_train_and_checkpoint(world, tmp_path):
-    for stage in (0, 1, 2, 3):
-        cfg = write_config(
-            tmp_path, world, name=f"z{stage}", engine={"steps": 4, "zero_stage": stage}
-        )
+    variants = [{"zero_stage": s} for s in (0, 1, 2, 3)]
+    variants.append({"zero_stage": 2, "offload": True, "grad_accum": 2})
+    for k, engine in enumerate(variants):
+        cfg = write_config(tmp_path, world, name=f"z{k}", engine={"steps": 4, **engine})
         assert finish(launch(cfg, 1)) == [0]
-        ck = tmp_path / "runs" / f"z{stage}" / "checkpoints"
+        ck = tmp_path / "runs" / f"z{k}" / "checkpoints"
         assert (ck / "latest").read_text().strip() == "step_00000004"
+    rows = losses(tmp_path / "runs/z4")
+    assert sorted(rows) == [1, 2, 3, 4]
 
 
 def test_signal_then_resume_gives_bitwise_same_losses_two_ranks(world, tmp_path):
