@@ -154,7 +154,10 @@ class Runner:
         """Run every stage; returns "done" or "preempted"."""
         for st in self.wf.stages:
             name = st["name"]
-            digest, inputs = self.plan(st)
+            try:
+                digest, inputs = self.plan(st)
+            except Exception as e:
+                raise StageFailed(f"stage {name!r} failed: {e}") from e
             self.hashes[name] = digest
             rec = self.state.get(name, {})
             if rec.get("status") == "done" and rec.get("hash") == digest and _present(rec):

@@ -341,3 +341,21 @@ def test_evaluate_bad_runs_are_one_line_errors(world, tmp_path):
         cwd=ROOT,
     )
     assert res.returncode == 2 and "task.init_from" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_failed_stage_stops_the_chain_with_its_name(world, tmp_path):
+    wf = _write_chain(tmp_path, world)
+    data = yaml.safe_load(wf.read_text())
+    data["stages"][1]["overrides"].append("engine.stepz=3")
+    wf.write_text(yaml.safe_dump(data))
+    res = subprocess.run(
+        [sys.executable, "-m", "cmal.cli", "run", str(wf)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert res.returncode == 1
+    assert "stage 'ft-vqa' failed" in res.stderr and "unknown key 'engine.stepz'" in res.stderr
+    state = json.loads((tmp_path / "runs/workflow-chain.json").read_text())
+    assert (
+        state["pretrain"]["status"] == "done"
+        and "ft-vqa" not in state
+        or state["ft-vqa"]["status"] == "failed"
+    )

@@ -110,7 +110,7 @@ def _reduce_mean(values: dict[str, float], world: World) -> dict[str, float]:
     if world.size == 1:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=world.device)
     dist.all_reduce(t)
     return {k: v / world.size for k, v in zip(keys, t.tolist(), strict=True)}
 
@@ -143,11 +143,15 @@ def train(
                 item = next(batches)
                 wait += time.perf_counter() - tw
                 losses = engine(to_device(item, world.device))
-                flags = torch.tensor(
-                    [float(not torch.isfinite(losses["loss"]).item()), float(stop.raised)]
-                )
+                # One small collective per micro-batch carries both flags (on the device,
+                # as NCCL needs).
+                flags = torch.stack(
+                    [(~torch.isfinite(losses["loss"].detach())).float(),
+                     torch.tensor(float(stop.raised), device=world.device)]
+                )  # fmt: skip
                 if world.size > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                flags = flags.tolist()
                 stop_now = stop_now or bool(flags[1])
                 if flags[0]:
                     bad = [k for k, v in losses.items() if not torch.isfinite(v).item()]
