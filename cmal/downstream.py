@@ -29,7 +29,7 @@ def _join(root: str, sub: str) -> str:
 
 def pretrained_weights(source: str | Path) -> dict[str, torch.Tensor]:
     """CMAL weights (no task head) from a run folder, a checkpoint folder or a .safetensors."""
-    from cmal.engine.checkpoint import LATEST, consolidated_state_dict, is_complete
+    from cmal.engine.checkpoint import consolidated_state_dict, is_complete
 
     path = Path(source)
     if path.suffix == ".safetensors":
@@ -38,11 +38,8 @@ def pretrained_weights(source: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         weights = load_file(str(path))
-    elif (path / "checkpoints" / LATEST).is_file():
-        named = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
-        if not is_complete(named):
-            raise ConfigError(f"task.init_from: {path} has no complete checkpoint")
-        weights = consolidated_state_dict(named)
+    elif (path / "checkpoints").is_dir():
+        weights = newest_weights(path)
     elif is_complete(path):
         weights = consolidated_state_dict(path)
     else:

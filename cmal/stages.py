@@ -100,13 +100,12 @@ def newest_weights(run: str | Path) -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights of the run's newest complete checkpoint, named as in the
     module the engine trained (``model.…``, ``head.…``)."""
     from cmal.config import ConfigError
-    from cmal.engine.checkpoint import LATEST, consolidated_state_dict, is_complete
+    from cmal.engine.checkpoint import consolidated_state_dict, newest_complete
 
-    ckpts = Path(run) / "checkpoints"
-    pointer = ckpts / LATEST
-    if not pointer.is_file() or not is_complete(ckpts / pointer.read_text().strip()):
-        raise ConfigError(f"{run}: no complete checkpoint (expected {pointer} naming one)")
-    return consolidated_state_dict(ckpts / pointer.read_text().strip())
+    found = newest_complete(Path(run) / "checkpoints")
+    if found is None:
+        raise ConfigError(f"{run}: no complete checkpoint under {Path(run) / 'checkpoints'}")
+    return consolidated_state_dict(found)
 
 
 def export_fp32(run: str | Path, out: str | Path) -> Path:

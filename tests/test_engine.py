@@ -152,10 +152,11 @@ def test_resume_on_another_world_size(world, tmp_path):
     after = losses(run)
     first = sum(before[s] for s in range(1, 6)) / 5
     last_before = sum(before[s] for s in range(stop - 4, stop + 1)) / 5
-    first_after = sum(after[s] for s in range(stop + 1, stop + 6)) / 5
-    # Continues where it was (well below the start), within 25% of the loss before the stop.
-    assert first_after < 0.8 * first
-    assert abs(first_after - last_before) < 0.25 * last_before, (last_before, first_after)
+    # The first resumed step's loss is computed with the restored weights, before any
+    # update (fresh Adam moments take large first steps, so later steps say less).
+    resumed = after[stop + 1]
+    assert resumed < 0.8 * first, (first, resumed)
+    assert abs(resumed - last_before) < 0.25 * last_before, (last_before, resumed)
     # and back: 1 rank -> 2 ranks, from the end of the 1-rank leg
     cfg2 = write_config(tmp_path, world, name="ws", engine={"steps": 75, "zero_stage": 2})
     assert finish(launch(cfg2, 2, "--force")) == [0, 0]  # steps changed: the schedule did

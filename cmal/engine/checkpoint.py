@@ -78,6 +78,19 @@ def is_complete(path: Path) -> bool:
     return path.name.startswith("step_") and (path / "state.json").is_file()
 
 
+def newest_complete(checkpoints: Path) -> Path | None:
+    """The checkpoint ``latest`` names if it is complete, else the newest complete folder."""
+    pointer = checkpoints / LATEST
+    if pointer.is_file():
+        named = checkpoints / pointer.read_text().strip()
+        if is_complete(named):
+            return named
+    if not checkpoints.is_dir():
+        return None
+    done = sorted(p for p in checkpoints.iterdir() if is_complete(p))
+    return done[-1] if done else None
+
+
 class Checkpointer:
     """Saves and finds the checkpoints of one run."""
 
@@ -141,15 +154,8 @@ class Checkpointer:
         return Path(choice[0]) if choice[0] else None
 
     def _find(self) -> str | None:
-        pointer = self.dir / LATEST
-        if pointer.is_file():
-            named = self.dir / pointer.read_text().strip()
-            if is_complete(named):
-                return str(named)
-        if not self.dir.is_dir():
-            return None
-        done = sorted(p for p in self.dir.iterdir() if is_complete(p))
-        return str(done[-1]) if done else None
+        found = newest_complete(self.dir)
+        return str(found) if found else None
 
     # ------------------------------------------------------------------ loading
 
