@@ -494,14 +494,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(data: dict[str, Any], source: str = "saved config") -> Config:
-    """Rebuild a config saved by :func:`to_dict` (as stored in checkpoints)."""
-    cfg = Config()
-    _apply(cfg, data, source)
-    _check_values(cfg, source)
-    return cfg
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass."""
     return dataclasses.asdict(cfg)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cmal.config import Config, ConfigError, config_from_dict, save_config
+from cmal.config import Config, ConfigError, load_config, save_config
 from cmal.model.cmal import CMAL
 from cmal.stages import announce, newest_weights, run_dir, train_module
 from cmal.tasks import Objective, Task, get_task
@@ -174,11 +174,7 @@ def evaluate(
     folder = Path(run)
     if not (folder / "config.yaml").is_file():
         raise ConfigError(f"{folder}: not a run folder (no config.yaml)")
-    import yaml
-
-    cfg = config_from_dict(
-        yaml.safe_load((folder / "config.yaml").read_text()), str(folder / "config.yaml")
-    )
+    cfg = load_config(folder / "config.yaml")
     if not (folder / "task.json").is_file():
         raise ConfigError(f"{folder}: not a fine-tuning run (no task.json); fine-tune it first")
     _check_run_task(folder, task)

@@ -8,7 +8,6 @@ from conftest import ROOT
 from cmal.config import (
     Config,
     ConfigError,
-    config_from_dict,
     config_hash,
     load_config,
     save_config,
@@ -77,9 +76,7 @@ def test_value_checks():
 def test_save_and_hash_round_trip(tmp_path):
     cfg = load_config(ROOT / "configs/model/tiny.yaml", ["model.prompt.mode=text"])
     path = save_config(cfg, tmp_path / "run")
-    import yaml
-
-    again = config_from_dict(yaml.safe_load(path.read_text()))
+    again = load_config(path)
     assert to_dict(again) == to_dict(cfg)
     assert config_hash(again) == config_hash(cfg)
     assert config_hash(load_config(ROOT / "configs/model/tiny.yaml")) != config_hash(cfg)

@@ -173,7 +173,9 @@ class Checkpointer:
 
     def load(self, engine, path: Path, state: dict) -> str:
         """Restore engine (and RNG) state; returns how: "exact" or "weights" (world size or
-        ZeRO stage changed: consolidated fp32 weights, fresh optimizer moments)."""
+        ZeRO stage changed: module weights only, fresh optimizer moments, the LR schedule
+        stepped to the saved step)."""
+        rng = path / f"rng_rank{self.rank:05d}.pt"
         same = (
             state["world_size"] == self.world_size
             and state["zero_stage"] == self.cfg.engine.zero_stage
@@ -182,7 +184,7 @@ class Checkpointer:
             engine.load_checkpoint(
                 str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
             )
-            set_rng_state(torch.load(path / f"rng_rank{self.rank:05d}.pt", weights_only=False))
+            set_rng_state(torch.load(rng, weights_only=False))
             return "exact"
         if state["zero_stage"] < 3 and self.cfg.engine.zero_stage < 3:
             # Below ZeRO-3 the module file holds the whole model whatever the world size;
@@ -203,7 +205,6 @@ class Checkpointer:
                 engine.optimizer.refresh_fp32_params()
         for _ in range(state["step"]):
             engine.lr_scheduler.step()
-        rng = path / f"rng_rank{self.rank:05d}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
         return "weights"

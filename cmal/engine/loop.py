@@ -131,8 +131,15 @@ def train(
     progress = Progress(e.steps, world.is_main)
     batches = epochs(loader)
     log = open(log_path, "a") if world.is_main else None
+
+    def write(record: dict) -> None:
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
     step, last, skips = start_step, {}, 0
-    window: dict[str, float] = {}
+    # Loss sums stay on the device between log steps: no host sync for them in the step.
+    window: dict[str, torch.Tensor] = {}
     window_steps, window_samples, window_time, window_wait = 0, 0, 0.0, 0.0
     try:
         while step < e.steps:
@@ -171,14 +178,14 @@ def train(
                 micro += 1
                 samples += len(item["ids"])
                 for k, v in losses.items():
-                    window[k] = window.get(k, 0.0) + v.item() / e.grad_accum
+                    window[k] = window.get(k, 0.0) + v.detach().double() / e.grad_accum
             step += 1
             window_steps += 1
             window_samples += samples * world.size
             window_time += time.perf_counter() - t0
             window_wait += wait
             if step % e.log_every == 0 or step == e.steps or stop_now:
-                means = _reduce_mean({k: v / window_steps for k, v in window.items()}, world)
+                means = _reduce_mean({k: v.item() / window_steps for k, v in window.items()}, world)
                 rate = window_samples / max(window_time, 1e-9)
                 record = {
                     "step": step,
@@ -189,20 +196,14 @@ def train(
                     "data_wait": window_wait / max(window_time, 1e-9),
                 }
                 last = means
-                if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                write(record)
                 progress.update(
                     step, means["loss"], rate, (e.steps - step) * window_time / window_steps
                 )
                 window, window_steps, window_samples, window_time, window_wait = {}, 0, 0, 0.0, 0.0
             if evaluate is not None and e.eval_every and step % e.eval_every == 0:
                 val = evaluate()
-                if log:
-                    log.write(
-                        json.dumps({"step": step, **{f"val_{k}": v for k, v in val.items()}}) + "\n"
-                    )
-                    log.flush()
+                write({"step": step, **{f"val_{k}": v for k, v in val.items()}})
             if stop_now:
                 checkpointer.save(engine, step, loader.state_dict())
                 return Outcome("preempted", step, last)
