@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -90,9 +91,9 @@ def finish(procs, timeout=300) -> list[int]:
     return codes
 
 
-def losses(run) -> dict[int, float]:
+def losses(run, term: str = "loss") -> dict[int, float]:
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[term] for r in rows if term in r}
 
 
 def test_zero_stages_train_and_checkpoint(world, tmp_path):
@@ -150,18 +151,21 @@ def test_resume_on_another_world_size(world, tmp_path):
     res = launch(cfg, 1)  # 2 ranks -> 1 rank
     assert finish(res) == [0]
     after = losses(run)
-    first = sum(before[s] for s in range(1, 6)) / 5
-    last_before = sum(before[s] for s in range(stop - 4, stop + 1)) / 5
+    # Medians: about one batch in 25 draws no MLM site at this size, and its loss is ~1/5.
+    first = statistics.median(before[s] for s in range(1, 6))
+    last_before = statistics.median(before[s] for s in range(stop - 4, stop + 1))
     # The first resumed step's loss is computed with the restored weights, before any
-    # update (fresh Adam moments take large first steps, so later steps say less).
-    resumed = after[stop + 1]
+    # update (fresh Adam moments take large first steps, so later steps say less); the
+    # first resumed step whose batch had MLM sites, for the same reason as above.
+    mlm = losses(run, "mlm")
+    resumed = next(after[s] for s in range(stop + 1, stop + 6) if mlm[s] > 0)
     assert resumed < 0.8 * first, (first, resumed)
     assert abs(resumed - last_before) < 0.25 * last_before, (last_before, resumed)
     # and back: 1 rank -> 2 ranks, from the end of the 1-rank leg
     cfg2 = write_config(tmp_path, world, name="ws", engine={"steps": 75, "zero_stage": 2})
     assert finish(launch(cfg2, 2, "--force")) == [0, 0]  # steps changed: the schedule did
     final = losses(run)
-    again = sum(final[s] for s in range(61, 66)) / 5
+    again = statistics.median(final[s] for s in range(61, 66))
     assert again < 0.8 * first, (first, again)
 
 
