@@ -139,7 +139,7 @@ def finetune_cmd(
 @user_errors
 def evaluate_cmd(
     task: str = typer.Option(..., help="vqa, ve, nlvr2 or rec"),
-    run: Path | None = typer.Option(None, help="Fine-tuned run folder to evaluate."),
+    run: str | None = typer.Option(None, help="Fine-tuned run folder (or s3:// run) to evaluate."),
     split: list[str] = typer.Option([], help="Split(s); default: the task's evaluation splits."),
     predictions: Path | None = typer.Option(None, help="Score this prediction file instead."),
     questions: Path | None = typer.Option(None, help="vqa: official questions json"),
@@ -200,16 +200,20 @@ def run_cmd(
 @app.command("export")
 @user_errors
 def export_cmd(
-    run: Path = typer.Argument(..., help="Run folder (runs/<name>)."),
+    run: str = typer.Argument(..., help="Run folder (runs/<name> or s3://bucket/runs/<name>)."),
     to: str = typer.Option("fp32", help="Only fp32: consolidated safetensors."),
-    out: Path | None = typer.Option(None, help="Output file (default RUN/model.fp32.safetensors)."),
+    out: Path | None = typer.Option(
+        None, help="Output file (default RUN/model.fp32.safetensors; for an s3:// run, its mirror)."
+    ),
 ) -> None:
     """Write the run's newest checkpoint as consolidated fp32 safetensors (no DeepSpeed needed)."""
+    from cmal.engine.store import local_run
     from cmal.stages import export_fp32
 
     if to != "fp32":
         raise ConfigError(f"--to {to!r}: only fp32 is supported")
-    typer.echo(f"wrote {export_fp32(run, out or run / 'model.fp32.safetensors')}")
+    out = out or local_run(run) / "model.fp32.safetensors"
+    typer.echo(f"wrote {export_fp32(run, out)}")
 
 
 @data_app.command("world")

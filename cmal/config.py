@@ -257,7 +257,11 @@ class CheckpointConfig:
     """Where and how often the run saves itself."""
 
     root: str = "runs"
-    """Folder that holds run folders (``<root>/<name>``)."""
+    """Folder that holds run folders (``<root>/<name>``): a local path or ``s3://bucket/prefix``
+    (the store of ``data.s3_endpoint``; the run is written to a local mirror first)."""
+    mirror: str | None = None
+    """For a root on ``s3://``: the node-local folder that holds the run's mirror;
+    None: ``$TMPDIR/cmal-runs``."""
     every: int = 100
     """Save every this many optimizer steps (and at the end)."""
     keep: int = 3
@@ -507,6 +511,7 @@ def to_yaml(cfg: Any) -> str:
 HASH_EXEMPT = (
     ("checkpoint", "root"),
     ("checkpoint", "keep"),
+    ("checkpoint", "mirror"),
     ("data", "local"),
     ("data", "s3_endpoint"),
     ("data", "workers"),

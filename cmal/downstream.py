@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from cmal.config import Config, ConfigError, load_config, save_config
 from cmal.model.cmal import CMAL
-from cmal.stages import announce, newest_weights, run_dir, train_module
+from cmal.stages import announce, newest_weights, run_dir, sync_run, train_module
 from cmal.tasks import Objective, Task, get_task
 
 
@@ -27,11 +27,13 @@ def _join(root: str, sub: str) -> str:
     return f"{root.rstrip('/')}/{sub}"
 
 
-def pretrained_weights(source: str | Path) -> dict[str, torch.Tensor]:
-    """CMAL weights (no task head) from a run folder, a checkpoint folder or a .safetensors."""
+def pretrained_weights(source: str | Path, endpoint: str | None = None) -> dict[str, torch.Tensor]:
+    """CMAL weights (no task head) from a run folder (local or s3://), a checkpoint folder
+    or a .safetensors file."""
     from cmal.engine.checkpoint import consolidated_state_dict, is_complete
+    from cmal.engine.store import local_run
 
-    path = Path(source)
+    path = local_run(source, endpoint)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise ConfigError(f"task.init_from: no such file {path}")
@@ -102,7 +104,8 @@ def finetune(cfg: Config, force: bool = False, quiet: bool = False, evaluate: bo
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     if cfg.task.init_from:
-        load_into(model, pretrained_weights(cfg.task.init_from), cfg.task.init_from)
+        weights = pretrained_weights(cfg.task.init_from, cfg.data.s3_endpoint)
+        load_into(model, weights, cfg.task.init_from)
     info = _task_info(cfg, task, world, folder)
     module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
     outcome = train_module(cfg, world, module, force, quiet)
@@ -161,6 +164,7 @@ def evaluate_module(
         path = folder / "metrics.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
         path.write_text(json.dumps({**old, **metrics}, indent=1))
+        sync_run(cfg, folder)
     return metrics
 
 
@@ -169,9 +173,10 @@ def evaluate(
 ) -> dict:
     """Evaluate a fine-tuned run folder on its task's splits."""
     from cmal.engine.deepspeed import init_world
+    from cmal.engine.store import local_run
 
     task = get_task(task_name)
-    folder = Path(run)
+    folder = local_run(run)
     if not (folder / "config.yaml").is_file():
         raise ConfigError(f"{folder}: not a run folder (no config.yaml)")
     cfg = load_config(folder / "config.yaml")

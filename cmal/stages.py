@@ -29,8 +29,42 @@ class PretrainObjective(nn.Module):
 
 
 def run_dir(cfg: Config) -> Path:
-    """The run's folder."""
+    """The run's folder (for a run on ``s3://``, its local mirror)."""
+    from cmal.engine.store import is_remote, mirror_of
+
+    if is_remote(cfg.checkpoint.root):
+        return mirror_of(run_url(cfg), cfg.checkpoint.mirror)
     return Path(cfg.checkpoint.root) / cfg.name
+
+
+def run_url(cfg: Config) -> str:
+    return f"{cfg.checkpoint.root.rstrip('/')}/{cfg.name}"
+
+
+def run_store(cfg: Config, world=None):
+    """The run's object store (None for a local run). On rank 0, the store's log.jsonl is
+    fetched when longer than the mirror's (the run went on on another node), so that the
+    mirror's log is appended to, never uploaded over the store's."""
+    from cmal.engine.store import is_remote, store_for
+
+    if not is_remote(cfg.checkpoint.root):
+        return None
+    store = store_for(cfg, run_url(cfg))
+    if world is None or world.is_main:
+        log = run_dir(cfg) / "log.jsonl"
+        remote = store.read_text("log.jsonl")
+        have = log.stat().st_size if log.exists() else 0
+        if remote is not None and len(remote.encode()) > have:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(remote)
+    return store
+
+
+def sync_run(cfg: Config, folder: Path) -> None:
+    """Send the run folder's own files (config, log, metrics, predictions) to its store."""
+    store = run_store(cfg)
+    if store is not None:
+        store.upload_top(folder)
 
 
 def announce(cfg: Config, world, folder: Path, quiet: bool) -> None:
@@ -53,7 +87,8 @@ def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool
 
     folder = run_dir(cfg)
     engine, _ = build_engine(module, cfg, world)
-    ckpt = Checkpointer(folder, cfg, world.rank, world.size)
+    store = run_store(cfg, world)
+    ckpt = Checkpointer(folder, cfg, world.rank, world.size, store, world.local_rank)
     start, data_state = 0, None
     newest = ckpt.newest()
     if newest is not None:
@@ -101,10 +136,11 @@ def newest_weights(run: str | Path) -> dict[str, torch.Tensor]:
     module the engine trained (``model.…``, ``head.…``)."""
     from cmal.config import ConfigError
     from cmal.engine.checkpoint import consolidated_state_dict, newest_complete
+    from cmal.engine.store import local_run
 
-    found = newest_complete(Path(run) / "checkpoints")
+    found = newest_complete(local_run(run) / "checkpoints")
     if found is None:
-        raise ConfigError(f"{run}: no complete checkpoint under {Path(run) / 'checkpoints'}")
+        raise ConfigError(f"{run}: no complete checkpoint under {run}/checkpoints")
     return consolidated_state_dict(found)
 
 

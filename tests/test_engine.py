@@ -19,7 +19,8 @@ from conftest import ROOT, _free_port
 from cmal.engine.loop import PREEMPTED_EXIT
 
 
-def write_config(tmp_path, world, name="run", **extra) -> str:
+def write_config(tmp_path, world, name="run", data_endpoint=None, **extra) -> str:
+    endpoint = data_endpoint
     engine = {"steps": 40, "log_every": 1, **extra.pop("engine", {})}
     cfg = {
         "base": str(ROOT / "configs/model/tiny.yaml"),
@@ -45,6 +46,8 @@ def write_config(tmp_path, world, name="run", **extra) -> str:
         },
         **extra,
     }
+    if endpoint:
+        cfg["data"]["s3_endpoint"] = endpoint
     path = tmp_path / f"{name}.yaml"
     import yaml
 
@@ -246,6 +249,80 @@ def test_export_fp32_loads_without_deepspeed(world, tmp_path):
         cwd=ROOT,
     )
     assert res.returncode == 2 and "no complete checkpoint" in res.stderr
+
+
+def test_run_folder_on_s3_resumes_on_a_fresh_node_bitwise(world, s3, tmp_path):
+    """checkpoint.root on a real S3 server (moto, loopback): stopped by signal, resumed
+    with an empty mirror (another node), the losses are those of an uninterrupted run."""
+    import boto3
+
+    from cmal.engine.store import Store
+
+    steps = 24
+    ref = write_config(tmp_path, world, name="s3ref", engine={"steps": steps})
+    assert finish(launch(ref, 2)) == [0, 0]
+    want = losses(tmp_path / "runs/s3ref")
+
+    def s3_config(mirror: str) -> str:
+        return write_config(
+            tmp_path,
+            world,
+            name="s3ref",  # the same name, so the same seeds and data order
+            engine={"steps": steps},
+            checkpoint={"root": "s3://cmal/runs", "every": 5, "keep": 2, "mirror": mirror},
+            data_endpoint=s3,
+        )
+
+    cfg = s3_config(str(tmp_path / "node-a"))
+    store = Store("s3://cmal/runs/s3ref", s3)
+    procs = launch(cfg, 2)
+    while len((store.read_text("log.jsonl") or "").splitlines()) < 11:
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)
+    assert finish(procs) == [PREEMPTED_EXIT] * 2
+    stopped = store.newest_checkpoint()
+    assert stopped is not None and int(stopped.removeprefix("step_")) < steps
+    complete = [
+        s for s in store.folders("checkpoints") if store.exists(f"checkpoints/{s}/state.json")
+    ]
+    assert len(complete) <= 2 and complete[-1] == stopped  # keep=2 applied on the store
+
+    # A half-uploaded newer checkpoint (no state.json) is never resumed from.
+    client = boto3.client("s3", endpoint_url=s3)
+    client.put_object(Bucket="cmal", Key="runs/s3ref/checkpoints/step_00000099/ds/x", Body=b"")
+    assert store.newest_checkpoint() == stopped
+
+    cfg = s3_config(str(tmp_path / "node-b"))  # an empty mirror: everything comes from S3
+    assert finish(launch(cfg, 2)) == [0, 0]
+    got = {r["step"]: r["loss"] for r in map(json.loads, store.read_text("log.jsonl").splitlines())}
+    assert got == want  # the whole log on the store, bitwise the uninterrupted run's
+    assert store.newest_checkpoint() == f"step_{steps:08d}"
+
+    out = tmp_path / "s3.safetensors"
+    res = subprocess.run(
+        [sys.executable, "-m", "cmal.cli", "export", "s3://cmal/runs/s3ref", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "S3_ENDPOINT_URL": s3},
+    )
+    assert res.returncode == 0, res.stderr
+    from safetensors.torch import load_file
+
+    from cmal.config import load_config
+    from cmal.model.cmal import CMAL
+
+    CMAL(load_config(cfg).model).load_state_dict(load_file(str(out)), strict=True)
+
+    res = subprocess.run(
+        [sys.executable, "-m", "cmal.cli", "pretrain", "-c", cfg, "checkpoint.root=s3://nope/runs"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "checkpoint.root: cannot use bucket 'nope'" in res.stderr.splitlines()[-1]
 
 
 @pytest.mark.slow

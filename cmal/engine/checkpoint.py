@@ -9,6 +9,9 @@ process killed at any point leaves ``latest`` naming a complete checkpoint (or n
 Each checkpoint holds: DeepSpeed's engine state (module, optimizer, LR scheduler) under
 ``ds/``, every rank's RNG states, and ``state.json`` with the step, the data loader's
 state, the world size, the ZeRO stage and the resolved config with its hash.
+
+A run on ``s3://`` is saved the same way into its local mirror, then sent to the store
+(``cmal.engine.store``: files, then state.json, then ``latest``) before the save returns.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from cmal.config import Config, ConfigError, config_hash, to_dict
+from cmal.engine.store import Store
 
 TAG = "ds"
 LATEST = "latest"
@@ -94,10 +98,21 @@ def newest_complete(checkpoints: Path) -> Path | None:
 class Checkpointer:
     """Saves and finds the checkpoints of one run."""
 
-    def __init__(self, run_dir: str | Path, cfg: Config, rank: int, world_size: int):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: Config,
+        rank: int,
+        world_size: int,
+        store: Store | None = None,
+        local_rank: int | None = None,
+    ):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.hash = config_hash(cfg)
+        self.store = store
+        # The first process of each node moves that node's files to and from the store.
+        self.node_lead = (rank if local_rank is None else local_rank) == 0
 
     # ------------------------------------------------------------------ saving
 
@@ -109,10 +124,18 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
+        elif self.node_lead and self.dir.is_dir():  # another node's mirror: its old parts
+            for stale in self.dir.glob(".tmp-step_*"):
+                if stale.name != tmp.name:
+                    shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
         engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
         torch.save(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
         dist.barrier()
+        if self.store is not None and self.node_lead:
+            self.store.upload_tree(tmp, f"checkpoints/{final.name}", skip=("state.json",))
+        if self.store is not None:
+            dist.barrier()  # every node's parts are up before state.json says "complete"
         if self.rank == 0:
             state = {
                 "step": step,
@@ -129,6 +152,9 @@ class Checkpointer:
             _fsync_dir(self.dir)
             write_atomic(self.dir / LATEST, final.name + "\n")
             self._prune(keep=final.name)
+            if self.store is not None:
+                self.store.publish(final, self.cfg.checkpoint.keep)
+                self.store.upload_top(self.dir.parent)
         dist.barrier()
         return final
 
@@ -151,11 +177,23 @@ class Checkpointer:
             choice[0] = self._find()
         if dist.is_initialized() and self.world_size > 1:
             dist.broadcast_object_list(choice, src=0)
-        return Path(choice[0]) if choice[0] else None
+        if choice[0] is None:
+            return None
+        path = self.dir / choice[0]
+        if self.store is not None:
+            if self.node_lead and not is_complete(path):
+                self.store.download_tree(f"checkpoints/{path.name}", path)
+                write_atomic(self.dir / LATEST, path.name + "\n")
+            if dist.is_initialized() and self.world_size > 1:
+                dist.barrier()
+        return path
 
     def _find(self) -> str | None:
+        """The name of the newest complete checkpoint (on the store, for a run there)."""
+        if self.store is not None:
+            return self.store.newest_checkpoint()
         found = newest_complete(self.dir)
-        return str(found) if found else None
+        return found.name if found else None
 
     # ------------------------------------------------------------------ loading
 

@@ -1,0 +1,203 @@
+"""Run folders under ``s3://bucket/prefix``: a local mirror that is written to, and the
+object store that holds the truth.
+
+A run on an object store is worked on in a local folder (``checkpoint.mirror``, default a
+temp folder per node), exactly as a local run is; the store receives each checkpoint
+after it is complete on disk. Objects cannot be renamed, so completeness is ordered
+instead: every file of ``checkpoints/step_N/`` first, its ``state.json`` after them, and
+the ``latest`` object last. A reader trusts only a step folder that has ``state.json``;
+a process killed mid-upload leaves ``latest`` naming the previous complete checkpoint.
+
+Nodes share nothing but the store: each node's first process uploads the files its
+ranks wrote and downloads a checkpoint before its ranks load it. The endpoint is
+``data.s3_endpoint`` or ``S3_ENDPOINT_URL`` (one object store per run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cmal.config import Config, ConfigError
+
+LATEST = "latest"
+STATE = "state.json"
+
+
+def is_remote(path: str | Path) -> bool:
+    return str(path).startswith("s3://")
+
+
+def mirror_of(url: str, mirror_root: str | None = None) -> Path:
+    """The local folder that mirrors ``url`` (the same on every call, per node)."""
+    root = Path(mirror_root) if mirror_root else Path(tempfile.gettempdir()) / "cmal-runs"
+    tag = hashlib.sha1(url.encode()).hexdigest()[:10]
+    return root / f"{url.rstrip('/').rsplit('/', 1)[-1]}-{tag}"
+
+
+class Store:
+    """One run folder on an S3-compatible store: ``s3://bucket/prefix/<run>``."""
+
+    def __init__(self, url: str, endpoint: str | None = None):
+        import boto3
+
+        if not is_remote(url):
+            raise ConfigError(f"{url}: not an s3:// address")
+        self.url = url.rstrip("/")
+        self.bucket, _, self.prefix = self.url[len("s3://") :].partition("/")
+        if not self.bucket or not self.prefix:
+            raise ConfigError(f"{url}: a run folder on S3 needs s3://bucket/prefix")
+        self.client = boto3.client("s3", endpoint_url=endpoint or os.environ.get("S3_ENDPOINT_URL"))
+        self._check()
+
+    def _check(self) -> None:
+        import botocore.exceptions
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
+            raise ConfigError(
+                f"checkpoint.root: cannot use bucket {self.bucket!r} of {self.url} "
+                f"({e}); check the bucket, the credentials and data.s3_endpoint / "
+                "S3_ENDPOINT_URL"
+            ) from None
+
+    def key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if rel else self.prefix
+
+    def _under(self, rel: str) -> str:
+        return self.key(rel.strip("/")) + "/"
+
+    # ------------------------------------------------------------------ objects
+
+    def read_text(self, rel: str) -> str | None:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"]
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return body.read().decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=text.encode())
+
+    def exists(self, rel: str) -> bool:
+        import botocore.exceptions
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(rel))
+            return True
+        except botocore.exceptions.ClientError:
+            return False
+
+    def keys(self, rel: str) -> list[str]:
+        """Every key under ``rel/``, relative to it."""
+        base = self._under(rel)
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=base
+        )
+        return [o["Key"][len(base) :] for page in pages for o in page.get("Contents", [])]
+
+    def folders(self, rel: str) -> list[str]:
+        """Names of the sub-folders right under ``rel/``."""
+        base = self._under(rel)
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=base, Delimiter="/"
+        )
+        return sorted(
+            p["Prefix"][len(base) :].rstrip("/")
+            for page in pages
+            for p in page.get("CommonPrefixes", [])
+        )
+
+    def upload(self, local: Path, rel: str) -> None:
+        self.client.upload_file(str(local), self.bucket, self.key(rel))
+
+    def upload_tree(self, local: Path, rel: str, skip: tuple[str, ...] = ()) -> None:
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            name = path.relative_to(local).as_posix()
+            if name not in skip:
+                self.upload(path, f"{rel}/{name}")
+
+    def upload_top(self, local: Path) -> None:
+        """The run folder's own files (config, log, metrics, predictions), not checkpoints."""
+        for path in sorted(p for p in local.iterdir() if p.is_file()):
+            if not path.name.startswith("."):
+                self.upload(path, path.name)
+
+    def download_tree(self, rel: str, local: Path) -> None:
+        """Every object under ``rel/`` into ``local`` (written aside, then renamed)."""
+        tmp = local.with_name(f".tmp-pull-{local.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name in self.keys(rel):
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.client.download_file(self.bucket, self.key(f"{rel}/{name}"), str(target))
+        if local.exists():
+            shutil.rmtree(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, local)
+
+    def delete_tree(self, rel: str) -> None:
+        keys = [self.key(f"{rel}/{k}") for k in self.keys(rel)]
+        for i in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[i : i + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk})
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def newest_checkpoint(self) -> str | None:
+        """``checkpoints/<step>`` that ``latest`` names if complete, else the newest
+        complete one."""
+        named = (self.read_text(f"checkpoints/{LATEST}") or "").strip()
+        if named and self.exists(f"checkpoints/{named}/{STATE}"):
+            return named
+        for step in reversed(self.folders("checkpoints")):
+            if step.startswith("step_") and self.exists(f"checkpoints/{step}/{STATE}"):
+                return step
+        return None
+
+    def publish(self, step_folder: Path, keep: int) -> None:
+        """After every file of ``step_folder`` is up: its state.json, then ``latest``, then
+        the oldest complete checkpoints beyond ``keep`` go."""
+        rel = f"checkpoints/{step_folder.name}"
+        self.upload(step_folder / STATE, f"{rel}/{STATE}")
+        self.write_text(f"checkpoints/{LATEST}", step_folder.name + "\n")
+        steps = [s for s in self.folders("checkpoints") if s.startswith("step_")]
+        complete = [s for s in steps if self.exists(f"checkpoints/{s}/{STATE}")]
+        for old in complete[:-keep]:
+            if old != step_folder.name:
+                self.delete_tree(f"checkpoints/{old}")
+        for partial in set(steps) - set(complete):
+            if partial > step_folder.name:
+                continue  # never a newer save in flight
+            self.delete_tree(f"checkpoints/{partial}")
+
+
+def store_for(cfg: Config, url: str) -> Store:
+    return Store(url, cfg.data.s3_endpoint)
+
+
+def local_run(path: str | Path, endpoint: str | None = None) -> Path:
+    """A run folder given by the user, made local: an s3:// run's own files and its newest
+    complete checkpoint are fetched into its mirror (local paths are returned as given)."""
+    if not is_remote(path):
+        return Path(path)
+    store = Store(str(path), endpoint)
+    local = mirror_of(store.url)
+    local.mkdir(parents=True, exist_ok=True)
+    names = [k for k in store.keys("") if "/" not in k]
+    if not names:
+        raise ConfigError(f"{path}: no run folder there (no objects under it)")
+    for name in names:
+        store.client.download_file(store.bucket, store.key(name), str(local / name))
+    newest = store.newest_checkpoint()
+    if newest:
+        if not (local / "checkpoints" / newest / STATE).is_file():
+            store.download_tree(f"checkpoints/{newest}", local / "checkpoints" / newest)
+        from cmal.engine.checkpoint import write_atomic
+
+        write_atomic(local / "checkpoints" / LATEST, newest + "\n")
+    return local
