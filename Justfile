@@ -19,8 +19,22 @@ setup:
         touch "$stamp"
     fi
 
+# Debian packages the tests run for real on 127.0.0.1 (installed only when missing).
+services:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    for pkg in prometheus prometheus-pushgateway; do
+        command -v "$pkg" >/dev/null || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && exit 0
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    install() { $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
+    install || { $sudo apt-get update -qq && install; }
+
 # Lint, format check and the whole test suite.
-test: setup
+test: setup services
     {{bin}}/ruff check cmal tests bench
     {{bin}}/ruff format --check cmal tests bench
     {{bin}}/python -m pytest -q

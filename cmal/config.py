@@ -271,6 +271,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class ObserveConfig:
+    """Prometheus metrics of the run (the same numbers as the JSONL log)."""
+
+    port: int | None = None
+    """Base port of each rank's ``/metrics`` endpoint (rank's port = port + local rank);
+    None: no endpoint."""
+    host: str = "127.0.0.1"
+    """Address the endpoint binds (``0.0.0.0`` for a scrape from another machine)."""
+    pushgateway: str | None = None
+    """Pushgateway address (``http://host:9091``) for batch jobs; None: no push."""
+    push_every_s: float = 10.0
+    """Seconds between pushes while training (and one push at the end)."""
+    targets: str | None = None
+    """Folder where each rank writes a Prometheus file_sd entry for its endpoint
+    (``cluster/prometheus.yml`` reads it); None: none written."""
+    peak_tflops: float | None = None
+    """Device peak for MFU, TFLOP/s; None: the table in ``cmal.observe`` (GPUs only)."""
+
+
+@dataclass
 class TaskConfig:
     """Fine-tuning and evaluation on a downstream task."""
 
@@ -305,6 +325,8 @@ class Config:
     """The engine and the loop."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
+    """Metrics for Prometheus."""
     task: TaskConfig = field(default_factory=TaskConfig)
     """Downstream task (fine-tuning and evaluation only)."""
 
@@ -318,6 +340,10 @@ def _check_values(cfg: Config, source: str) -> None:
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: {key}: {why}")
+
+    ob = cfg.observe
+    need(ob.port is None or 1 <= ob.port <= 65535, "observe.port", "must be a port, 1-65535")
+    need(ob.push_every_s > 0, "observe.push_every_s", "must be > 0")
 
     m = cfg.model
     for name in ("text", "visual", "unified"):
@@ -516,6 +542,7 @@ HASH_EXEMPT = (
     ("data", "s3_endpoint"),
     ("data", "workers"),
     ("engine", "log_every"),
+    *(("observe", f.name) for f in dataclasses.fields(ObserveConfig)),
 )
 """Fields that say where things are or how often to report, not what is trained: a run
 may move or change them and still resume its checkpoints."""
@@ -526,6 +553,8 @@ def config_hash(cfg: Any) -> str:
     data = to_dict(cfg)
     for section, key in HASH_EXEMPT:
         data.get(section, {}).pop(key, None)
+        if data.get(section) == {}:  # a section of nothing but places (observe)
+            del data[section]
     blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -27,6 +27,10 @@ class PretrainObjective(nn.Module):
     def forward(self, item: dict) -> dict[str, torch.Tensor]:
         return self.model.pretrain_losses(item["batch"])
 
+    def flops_per_row(self) -> float:
+        """Training FLOPs of one batch row (a caption-image pair) at the padded shapes."""
+        return self.model.flops_per_sample()
+
 
 def run_dir(cfg: Config) -> Path:
     """The run's folder (for a run on ``s3://``, its local mirror)."""
@@ -114,7 +118,29 @@ def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool
         def evaluate():
             return validation_losses(engine, val_loader, world, cfg.engine.eval_batches)
 
-    return train(engine, loader, cfg, world, ckpt, folder / "log.jsonl", start, evaluate)
+    observer = make_observer(cfg, world, module, folder / "log.jsonl")
+    try:
+        return train(
+            engine, loader, cfg, world, ckpt, folder / "log.jsonl", start, evaluate, observer
+        )
+    finally:
+        observer.close()
+
+
+def make_observer(cfg: Config, world, module: nn.Module, log: Path):
+    """This rank's Prometheus metrics, labelled with the run, stage, rank and job."""
+    import torch.distributed as dist
+
+    from cmal.observe import Observer, count_starts
+
+    restarts = [count_starts(log) if world.is_main else 0]
+    if world.size > 1:
+        dist.broadcast_object_list(restarts, src=0)
+    stage = f"finetune-{cfg.task.name}" if cfg.task.name else "pretrain"
+    return Observer(
+        cfg.observe, cfg.name, stage, world.rank, world.local_rank, world.device,
+        restarts[0], module.flops_per_row(),
+    )  # fmt: skip
 
 
 def pretrain(cfg: Config, force: bool = False, quiet: bool = False):

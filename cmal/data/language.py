@@ -74,7 +74,11 @@ def caption(rng: np.random.Generator, objs: list[Obj]) -> str:
 
 
 def vqa(rng: np.random.Generator, objs: list[Obj]) -> tuple[str, str, str]:
-    """(question, answer, answer_type) about colour, count, existence or shape."""
+    """(question, answer, answer_type) about colour, count, existence or shape.
+
+    Balanced as VQA v2 is, so that the question alone tells little: "Is there…?" is
+    answered yes and no equally often, and a count question first draws its answer from
+    the counts the scene has, then a shape with that count."""
     shapes = Counter(o.shape for o in objs)
     colours = Counter(o.colour for o in objs)
     kind = _pick(rng, ["colour", "count", "exists", "shape"])
@@ -91,14 +95,15 @@ def vqa(rng: np.random.Generator, objs: list[Obj]) -> tuple[str, str, str]:
             return f"What shape is the {o.colour} object?", o.shape, "other"
         kind = "count"
     if kind == "count":
-        s = _pick(rng, SHAPES)
-        return f"How many {plural(s)} are there?", str(shapes[s]), "number"
-    present = {(o.colour, o.shape) for o in objs}
+        n = _pick(rng, sorted({shapes[s] for s in SHAPES}))
+        s = _pick(rng, [s for s in SHAPES if shapes[s] == n])
+        return f"How many {plural(s)} are there?", str(n), "number"
+    present = sorted({(o.colour, o.shape) for o in objs})
     if rng.random() < 0.5:
-        colour, shape = _pick(rng, sorted(present))
+        (colour, shape), answer = _pick(rng, present), "yes"
     else:
-        colour, shape = _pick(rng, list(COLOURS)), _pick(rng, SHAPES)
-    answer = "yes" if (colour, shape) in present else "no"
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        (colour, shape), answer = _pick(rng, absent), "no"
     return f"Is there {article(colour)} {colour} {shape}?", answer, "yes/no"
 
 
@@ -123,9 +128,11 @@ def human_answers(rng: np.random.Generator, answer: str, kind: str, n: int = 10)
 
 
 def hypotheses(rng: np.random.Generator, objs: list[Obj]) -> list[tuple[str, str]]:
-    """One (hypothesis, gold_label) per SNLI-VE label, from templates shared between labels
-    so that the text alone cannot tell the label: "There is a red disc." is entailed or
-    contradicted by the image, "The red disc is made of wood." is neutral or contradicted."""
+    """Four (hypothesis, gold_label) pairs per image, from templates shared between labels
+    so that the text alone cannot tell the label: a fact ("There is a red disc.", "There
+    are two discs.") entailed, and one of the same form contradicted; a neutral sentence
+    about an object that is there ("The red disc is made of wood."), and the same sentence
+    about one that is not (a contradiction)."""
     present = sorted({(o.colour, o.shape) for o in objs})
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
     counts = Counter(o.shape for o in objs)
@@ -136,24 +143,23 @@ def hypotheses(rng: np.random.Generator, objs: list[Obj]) -> list[tuple[str, str
     def count(s: str, n: int) -> str:
         return f"There are {NUMBERS[n]} {plural(s)}." if n != 1 else f"There is one {s}."
 
-    c, s = _pick(rng, present)
+    def neutral(c: str, s: str) -> str:
+        return _pick(rng, NEUTRAL).format(a=article(c).capitalize(), c=c, s=s)
+
     if rng.random() < 0.5:
-        entail = exists(c, s)
+        (c, s), (c2, s2) = _pick(rng, present), _pick(rng, absent)
+        fact, false_fact = exists(c, s), exists(c2, s2)
     else:
-        entail = count(s, counts[s])
-    kind = int(rng.integers(3))
-    c2, s2 = _pick(rng, absent)
-    if kind == 0:
-        contra = exists(c2, s2)
-    elif kind == 1:
-        contra = _pick(rng, NEUTRAL).format(a=article(c2).capitalize(), c=c2, s=s2)
-    else:
-        s3 = _pick(rng, list(SHAPES))
-        wrong = [n for n in range(1, 6) if n != counts[s3]]
-        contra = count(s3, _pick(rng, wrong))
-    c, s = _pick(rng, present)
-    neutral = _pick(rng, NEUTRAL).format(a=article(c).capitalize(), c=c, s=s)
-    return [(entail, "entailment"), (contra, "contradiction"), (neutral, "neutral")]
+        s = _pick(rng, sorted(counts))
+        s2 = _pick(rng, list(SHAPES))
+        wrong = [n for n in range(1, 6) if n != counts[s2]]
+        fact, false_fact = count(s, counts[s]), count(s2, _pick(rng, wrong))
+    return [
+        (fact, "entailment"),
+        (false_fact, "contradiction"),
+        (neutral(*_pick(rng, present)), "neutral"),
+        (neutral(*_pick(rng, absent)), "contradiction"),
+    ]
 
 
 def statement(rng: np.random.Generator, left: list[Obj], right: list[Obj]) -> tuple[str, bool]:

@@ -9,13 +9,14 @@ under ``"loss"``, and a loader of such items.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,9 @@ from cmal.config import Config
 from cmal.data.errors import DataError
 from cmal.engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from cmal.engine.deepspeed import World
+
+if TYPE_CHECKING:
+    from cmal.observe import Observer
 
 PREEMPTED_EXIT = 75
 """Exit status of a run that saved on signal and wants to be started again (EX_TEMPFAIL)."""
@@ -124,8 +128,10 @@ def train(
     log_path: Path,
     start_step: int = 0,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    observer: Observer | None = None,
 ) -> Outcome:
-    """Run optimizer steps from ``start_step`` to ``cfg.engine.steps``."""
+    """Run optimizer steps from ``start_step`` to ``cfg.engine.steps``; each log record
+    also goes to ``observer`` (Prometheus)."""
     e = cfg.engine
     stop = StopFlag(cfg.checkpoint.signal)
     progress = Progress(e.steps, world.is_main)
@@ -137,10 +143,13 @@ def train(
             log.write(json.dumps(record) + "\n")
             log.flush()
 
+    write({"event": "start", "step": start_step, "world_size": world.size, "time": time.time(),
+           "job": os.environ.get("SLURM_JOB_ID", "local")})  # fmt: skip
     step, last, skips = start_step, {}, 0
     # Loss sums stay on the device between log steps: no host sync for them in the step.
     window: dict[str, torch.Tensor] = {}
     window_steps, window_samples, window_time, window_wait = 0, 0, 0.0, 0.0
+    window_rows, window_tokens = 0, 0
     try:
         while step < e.steps:
             t0 = time.perf_counter()
@@ -149,6 +158,8 @@ def train(
                 tw = time.perf_counter()
                 item = next(batches)
                 wait += time.perf_counter() - tw
+                b = item["batch"]  # still on the host: these sums cost no device sync
+                rows, tokens = len(b.input_ids), int(b.text_mask.sum() + b.region_mask.sum())
                 losses = engine(to_device(item, world.device))
                 # One small collective per micro-batch carries both flags (on the device,
                 # as NCCL needs).
@@ -177,6 +188,8 @@ def train(
                 engine.step()
                 micro += 1
                 samples += len(item["ids"])
+                window_rows += rows
+                window_tokens += tokens
                 for k, v in losses.items():
                     window[k] = window.get(k, 0.0) + v.detach().double() / e.grad_accum
             step += 1
@@ -185,22 +198,35 @@ def train(
             window_time += time.perf_counter() - t0
             window_wait += wait
             if step % e.log_every == 0 or step == e.steps or stop_now:
-                means = _reduce_mean({k: v.item() / window_steps for k, v in window.items()}, world)
-                rate = window_samples / max(window_time, 1e-9)
+                sums = {k: v.item() / window_steps for k, v in window.items()}
+                means = _reduce_mean(
+                    {**sums, "_rows": window_rows, "_tokens": window_tokens}, world
+                )
+                seconds = max(window_time, 1e-9)
+                rows_per_s = means.pop("_rows") * world.size / seconds
+                tokens_per_s = means.pop("_tokens") * world.size / seconds
+                rate = window_samples / seconds
                 record = {
                     "step": step,
                     **means,
                     "lr": engine.get_lr()[0],
                     "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                     "samples_per_s": rate,
-                    "data_wait": window_wait / max(window_time, 1e-9),
+                    "tokens_per_s": tokens_per_s,
+                    "data_wait": window_wait / seconds,
                 }
+                if observer is not None:
+                    mfu = observer.mfu(rows_per_s, world.size)
+                    if mfu is not None:
+                        record["mfu"] = mfu
+                    record.update(observer.observe(record, means))
                 last = means
                 write(record)
                 progress.update(
                     step, means["loss"], rate, (e.steps - step) * window_time / window_steps
                 )
                 window, window_steps, window_samples, window_time, window_wait = {}, 0, 0, 0.0, 0.0
+                window_rows, window_tokens = 0, 0
             if evaluate is not None and e.eval_every and step % e.eval_every == 0:
                 val = evaluate()
                 write({"step": step, **{f"val_{k}": v for k, v in val.items()}})

@@ -76,6 +76,11 @@ class Objective(nn.Module):
         logits = self.task.logits(self.model, self.head, item)
         return {"loss": self.task.loss(logits, item, self.info)}
 
+    def flops_per_row(self) -> float:
+        """Training FLOPs of one batch row (one image-text pair) at the padded shapes: the
+        encoders (no MLM/AMC sites); the task head is small beside them."""
+        return self.model.flops_per_sample(mlm_sites=0, amc_sites=0)
+
     @torch.no_grad()
     def predict(self, item: dict[str, Any]) -> list[dict]:
         return self.task.predict(self.task.logits(self.model, self.head, item), item, self.info)
