@@ -24,8 +24,10 @@ services:
     #!/usr/bin/env bash
     set -euo pipefail
     missing=()
-    for pkg in prometheus prometheus-pushgateway; do
-        command -v "$pkg" >/dev/null || missing+=("$pkg")
+    # command -> Debian package
+    for pair in prometheus:prometheus prometheus-pushgateway:prometheus-pushgateway \
+                slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
+        command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
     done
     [ ${#missing[@]} -eq 0 ] && exit 0
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -27,6 +27,11 @@ app.add_typer(model_app, name="model")
 data_app = typer.Typer(no_args_is_help=True, help="Make and convert data sets into shards.")
 app.add_typer(data_app, name="data")
 
+submit_app = typer.Typer(
+    no_args_is_help=True, help="Submit a stage or a workflow as a job (SLURM or local)."
+)
+app.add_typer(submit_app, name="submit")
+
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (may name a 'base').")
 Overrides = typer.Argument(None, help="Dotted overrides, e.g. model.unified.layers=2")
 
@@ -119,14 +124,10 @@ def finetune_cmd(
     ),
 ) -> None:
     """Fine-tune on a downstream task, then evaluate it (resumes by itself)."""
-    from cmal.downstream import finetune, metrics_table
+    from cmal.downstream import finetune, finetune_config, metrics_table
     from cmal.engine.loop import PREEMPTED_EXIT
-    from cmal.tasks import get_task
 
-    get_task(task)
-    config = config or f"configs/finetune/{task}.yaml"
-    extra = [f"task.name={task}"] + ([f"task.init_from={source}"] if source else [])
-    cfg = load_config(config, [*(overrides or []), *extra])
+    cfg = finetune_config(task, source, config, overrides or [])
     outcome, metrics = finetune(cfg, force=force)
     typer.echo(f"{outcome.status} at step {outcome.step}")
     if metrics:
@@ -322,6 +323,135 @@ def data_convert(
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="cmal")
+
+
+# --------------------------------------------------------------------------- cluster
+
+NodesOption = typer.Option(None, "--nodes", help="Nodes (default: the profile's).")
+GpusOption = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: the profile's).")
+ClusterOption = typer.Option(
+    None, "--cluster", help="Profile: cluster/<name>.yaml or a path (default: slurm if "
+    "sbatch is installed, else local)."
+)  # fmt: skip
+DryRunOption = typer.Option(False, "--dry-run", help="Print the job script and config only.")
+
+
+def _submit(spec, cluster, nodes, gpus, dry_run: bool, shown: str) -> None:
+    from cmal import launch
+
+    path, prof = launch.load(cluster, nodes, gpus)
+    if prof.executor == "slurm":
+        spec.overrides = [*spec.overrides, f"checkpoint.signal=SIG{prof.signal}"]
+    if dry_run:
+        typer.echo(f"# profile {path}: {prof.executor}, {prof.nodes} node(s)")
+        if prof.executor == "slurm":
+            typer.echo(launch.sbatch_script(prof, spec))
+        else:
+            typer.echo("cmal " + " ".join(spec.argv()))
+        typer.echo(shown)
+        return
+    if prof.executor == "local":
+        code = launch.run_local(prof, spec)
+        if code:
+            raise typer.Exit(code)
+        return
+    job = launch.submit_slurm(prof, spec, f"--cluster {path}")
+    typer.echo(f"submitted job {job}: {spec.kind} {spec.name} on {prof.nodes} node(s)")
+    typer.echo(f"  cmal status {spec.name}   # logs: {Path(prof.jobs) / spec.name}")
+
+
+@submit_app.command("pretrain")
+@user_errors
+def submit_pretrain(
+    config: str | None = ConfigOption,
+    overrides: list[str] = Overrides,
+    nodes: int | None = NodesOption,
+    gpus_per_node: int | None = GpusOption,
+    cluster: str | None = ClusterOption,
+    dry_run: bool = DryRunOption,
+) -> None:
+    """Pre-train as a job; it requeues itself on preemption/timeout and resumes."""
+    from cmal.launch import JobSpec
+
+    cfg = load_config(config, overrides or [])
+    spec = JobSpec("pretrain", cfg.name, config, list(overrides or []))
+    _submit(spec, cluster, nodes, gpus_per_node, dry_run, "# resolved config\n" + to_yaml(cfg))
+
+
+@submit_app.command("finetune")
+@user_errors
+def submit_finetune(
+    task: str = typer.Option(..., help="vqa, ve, nlvr2 or rec"),
+    source: str | None = typer.Option(None, "--from", help="Pre-training run or weights."),
+    config: str | None = ConfigOption,
+    overrides: list[str] = Overrides,
+    nodes: int | None = NodesOption,
+    gpus_per_node: int | None = GpusOption,
+    cluster: str | None = ClusterOption,
+    dry_run: bool = DryRunOption,
+) -> None:
+    """Fine-tune (then evaluate) as a job."""
+    from cmal.downstream import finetune_config
+    from cmal.launch import JobSpec
+
+    cfg = finetune_config(task, source, config, overrides or [])
+    spec = JobSpec("finetune", cfg.name, config, list(overrides or []), task, source)
+    _submit(spec, cluster, nodes, gpus_per_node, dry_run, "# resolved config\n" + to_yaml(cfg))
+
+
+@submit_app.command("run")
+@user_errors
+def submit_run(
+    workflow: str = typer.Argument(..., help="workflows/<chain>.yaml"),
+    overrides: list[str] = Overrides,
+    nodes: int | None = NodesOption,
+    gpus_per_node: int | None = GpusOption,
+    cluster: str | None = ClusterOption,
+    dry_run: bool = DryRunOption,
+) -> None:
+    """Run a whole workflow as one job (done stages skip, an interrupted one resumes)."""
+    from cmal.launch import JobSpec
+    from cmal.workflow import load_workflow
+
+    wf = load_workflow(workflow, overrides or [])
+    spec = JobSpec("run", wf.name, None, list(overrides or []), workflow=workflow)
+    stages = "\n".join(f"#   {st['name']} ({st['kind']})" for st in wf.stages)
+    _submit(spec, cluster, nodes, gpus_per_node, dry_run, f"# workflow {wf.name}\n{stages}")
+
+
+@app.command("status")
+@user_errors
+def status_cmd(
+    run: str = typer.Argument(..., help="Run name (or runs/<name>)."),
+    cluster: str | None = ClusterOption,
+) -> None:
+    """The run's jobs: state, requeues, nodes, and the error of a failed one."""
+    from cmal import launch
+
+    _, prof = launch.load(cluster)
+    rows = launch.job_status(prof, Path(run).name)
+    typer.echo(f"{'job':<10}{'kind':<10}{'state':<14}{'requeues':>9}  nodes")
+    for j in rows:
+        restarts = "?" if j["restarts"] < 0 else str(j["restarts"])
+        typer.echo(f"{j['job_id']:<10}{j['kind']:<10}{j['state']:<14}{restarts:>9}  {j['nodes']}")
+        if j["error"]:
+            typer.echo(f"  error: {j['error']}")
+
+
+@app.command("cancel")
+@user_errors
+def cancel_cmd(
+    run: str = typer.Argument(..., help="Run name (or runs/<name>)."),
+    cluster: str | None = ClusterOption,
+) -> None:
+    """Cancel the run's jobs that have not ended."""
+    from cmal import launch
+
+    _, prof = launch.load(cluster)
+    gone = launch.cancel(prof, Path(run).name)
+    typer.echo(
+        f"cancelled: {' '.join(gone)}" if gone else "no job of this run is queued or running"
+    )
 
 
 if __name__ == "__main__":

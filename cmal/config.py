@@ -291,6 +291,45 @@ class ObserveConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where ``cmal submit`` runs a job: a cluster profile (``cluster/*.yaml``)."""
+
+    executor: Literal["local", "slurm"] = "local"
+    """``slurm``: sbatch through submitit; ``local``: processes on this machine."""
+    partition: str | None = None
+    """SLURM partition; None: the cluster's default."""
+    account: str | None = None
+    """SLURM account to charge; None: the user's default."""
+    qos: str | None = None
+    """SLURM quality of service; None: the default."""
+    time_min: int = 60
+    """Time limit of one job, minutes (a requeued job gets it again)."""
+    nodes: int = 1
+    """Nodes per job (``--nodes`` overrides)."""
+    gpus_per_node: int = 0
+    """GPUs per node (``--gpus-per-node`` overrides); one rank per GPU."""
+    tasks_per_node: int | None = None
+    """Ranks per node; None: ``gpus_per_node``, or 1 without GPUs."""
+    cpus_per_task: int | None = None
+    """CPUs per rank; None: SLURM's default."""
+    mem_gb: float | None = None
+    """Memory per node, GB; None: SLURM's default."""
+    signal: Literal["USR1", "USR2", "TERM"] = "USR2"
+    """Signal SLURM sends ``signal_delay_s`` before the time limit (and on preemption):
+    the engine saves at the next step and the job requeues itself."""
+    signal_delay_s: int = 90
+    """Seconds between that signal and the kill."""
+    max_requeues: int = 3
+    """Requeues allowed per job (preemption, time limit, failures); then it fails."""
+    sbatch: list[str] = field(default_factory=list)
+    """Extra sbatch options, e.g. ``--constraint=a100`` or ``--exclusive``."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the job before the ranks start (``module load ...``)."""
+    jobs: str = "runs/jobs"
+    """Folder (shared by all nodes) for job scripts, logs and the record of each run's jobs."""
+
+
+@dataclass
 class TaskConfig:
     """Fine-tuning and evaluation on a downstream task."""
 
@@ -511,17 +550,39 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a :class:`Config`: defaults, then ``path`` (with its bases), then overrides."""
-    cfg = Config()
+def _fill(obj: Any, path: str | Path | None, overrides: list[str] | None) -> Any:
+    """Defaults of the dataclass ``obj``, then ``path`` (with its bases), then overrides."""
     if path is not None:
         for source, data in _read_yaml(Path(path)):
-            _apply(cfg, data, source)
+            _apply(obj, data, source)
     for text in overrides or []:
         key, value = parse_override(text)
-        _apply(cfg, _nest(key, value), f"command line ({text})")
+        _apply(obj, _nest(key, value), f"command line ({text})")
+    return obj
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config`: defaults, then ``path`` (with its bases), then overrides."""
+    cfg = _fill(Config(), path, overrides)
     _check_values(cfg, str(path) if path else "defaults")
     return cfg
+
+
+def load_profile(path: str | Path, overrides: list[str] | None = None) -> ClusterConfig:
+    """A cluster profile: defaults, the YAML file, then overrides (``nodes=4``)."""
+    prof = _fill(ClusterConfig(), path, overrides)
+    for key in ("time_min", "nodes", "signal_delay_s"):
+        if getattr(prof, key) < 1:
+            raise ConfigError(f"{path}: {key}: must be >= 1, got {getattr(prof, key)}")
+    for key in ("gpus_per_node", "max_requeues"):
+        if getattr(prof, key) < 0:
+            raise ConfigError(f"{path}: {key}: must be >= 0, got {getattr(prof, key)}")
+    if prof.tasks_per_node is not None and prof.tasks_per_node < 1:
+        raise ConfigError(f"{path}: tasks_per_node: must be >= 1")
+    for line in prof.sbatch:
+        if not line.startswith("--"):
+            raise ConfigError(f"{path}: sbatch: {line!r} must be an option like --exclusive")
+    return prof
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -538,6 +599,7 @@ HASH_EXEMPT = (
     ("checkpoint", "root"),
     ("checkpoint", "keep"),
     ("checkpoint", "mirror"),
+    ("checkpoint", "signal"),
     ("data", "local"),
     ("data", "s3_endpoint"),
     ("data", "workers"),

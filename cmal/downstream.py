@@ -85,6 +85,15 @@ def _task_info(cfg: Config, task: Task, world, folder: Path) -> dict[str, Any]:
     return box[0]
 
 
+def finetune_config(
+    task: str, source: str | None, config: str | None, overrides: list[str]
+) -> Config:
+    """The config of ``cmal finetune --task T --from SRC [-c FILE] [overrides]``."""
+    get_task(task)
+    extra = [f"task.name={task}"] + ([f"task.init_from={source}"] if source else [])
+    return load_config(config or f"configs/finetune/{task}.yaml", [*overrides, *extra])
+
+
 def finetune(cfg: Config, force: bool = False, quiet: bool = False, evaluate: bool = True):
     """Fine-tune on ``cfg.task.name`` from ``cfg.task.init_from``, then (``evaluate``)
     evaluate on ``task.eval_splits``; returns (outcome, metrics)."""

@@ -1,0 +1,202 @@
+"""`cmal submit` on a real SLURM (Debian's slurm-wlm: slurmctld and four slurmd on
+127.0.0.1, started by cluster/local/start): a 2-node job trains, is preempted by its
+signal and requeued by the controller, and ends with the losses of an uninterrupted run;
+a job that keeps failing stops after the profile's max requeues with its error shown by
+`cmal status`; bad input is refused before anything is submitted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import ROOT
+from test_engine import finish, launch, losses, write_config
+
+
+def _free_block(n: int) -> int:
+    """A base port with the n ports from it free on 127.0.0.1."""
+    for base in range(21000, 40000, 97):
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError("no free block of ports")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """The local SLURM cluster, once per session, with its own state folder and ports."""
+    if shutil.which("slurmctld") is None:
+        pytest.fail("slurm-wlm is not installed: `just services` installs it (apt, as root)")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "CMAL_SLURM_DIR": str(state), "CMAL_SLURM_PORT": str(_free_block(5))}
+    res = subprocess.run(
+        [str(ROOT / "cluster/local/start")], env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    conf = res.stdout.strip().removeprefix("export SLURM_CONF=")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    subprocess.run([str(ROOT / "cluster/local/stop"), "--clean"], env=env)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def profile(tmp_path, **extra) -> str:
+    prof = {
+        "executor": "slurm",
+        "partition": "debug",
+        "time_min": 10,
+        "tasks_per_node": 1,
+        "cpus_per_task": 1,
+        "signal_delay_s": 30,
+        "max_requeues": 3,
+        "jobs": str(tmp_path / "jobs"),
+        **extra,
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(prof))
+    return str(path)
+
+
+def cmal(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cmal.cli", *args], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def state(job: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], capture_output=True, text=True
+    ).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait(check, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_steps(run) -> int:
+    path = run / "log.jsonl"
+    return len(losses(run)) if path.is_file() else 0
+
+
+def test_two_node_job_survives_signal_and_requeue_with_the_same_losses(world, slurm, tmp_path):
+    steps = 100
+    common = {"engine": {"steps": steps}, "checkpoint": {"every": 10}}
+    ref = write_config(tmp_path, world, name="ref", **common)
+    assert finish(launch(ref, 2)) == [0, 0]
+    want = losses(tmp_path / "runs/ref")
+
+    cfg = write_config(tmp_path, world, name="ref", **{**common, "checkpoint": {
+        "every": 10, "root": str(tmp_path / "slurm-runs")}})  # fmt: skip
+    run = tmp_path / "slurm-runs/ref"
+    res = cmal("submit", "pretrain", "-c", cfg, "--nodes", "2", "--cluster", profile(tmp_path))
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.split("submitted job ")[1].split(":")[0]
+
+    # 1. Preemption's signal: every rank saves at the next step, rank 0 requeues the job.
+    wait(lambda: logged_steps(run) >= 15, 240, "15 steps")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait(lambda: int(state(job).get("Restarts", 0)) >= 1, 120, "the requeue after USR2")
+    # 2. A requeue with no warning (as a node failure): back to the last periodic save.
+    first = max(losses(run))
+    wait(lambda: logged_steps(run) > first + 15, 240, "15 steps after the first requeue")
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait(lambda: state(job).get("JobState") in ("COMPLETED", "FAILED"), 400, "the job's end")
+    assert state(job)["JobState"] == "COMPLETED", (run / "log.jsonl").read_text()[-2000:]
+
+    starts = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    starts = [r for r in starts if r.get("event") == "start"]
+    assert [r["world_size"] for r in starts] == [2, 2, 2]
+    assert starts[0]["step"] == 0 and starts[1]["step"] >= 15 and starts[2]["step"] % 10 == 0
+    assert losses(run) == want  # every step, bitwise, as the uninterrupted run
+
+    out = cmal("status", "ref", "--cluster", profile(tmp_path)).stdout
+    row = next(x for x in out.splitlines() if x.startswith(job))
+    assert row.split()[2:4] == ["COMPLETED", "2"], out
+
+
+def test_failing_job_stops_after_max_requeues_with_its_error(world, slurm, tmp_path):
+    cfg = write_config(
+        tmp_path, world, name="nan", engine={"steps": 200},
+        optim={"lr": 1.0e4, "warmup_steps": 1}, checkpoint={"every": 1},
+    )  # fmt: skip
+    prof = profile(tmp_path, max_requeues=1)
+    res = cmal("submit", "pretrain", "-c", cfg, "--cluster", prof)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.split("submitted job ")[1].split(":")[0]
+    wait(lambda: state(job).get("JobState") in ("COMPLETED", "FAILED"), 300, "the job's end")
+    info = state(job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1"
+    out = cmal("status", "nan", "--cluster", prof).stdout
+    assert f"{job}" in out and "FAILED" in out
+    error = next(x for x in out.splitlines() if x.strip().startswith("error:"))
+    assert "non-finite loss" in error, out
+
+
+def test_bad_input_is_refused_and_nothing_is_submitted(world, slurm, tmp_path):
+    cfg = write_config(tmp_path, world, name="bad")
+    prof = profile(tmp_path)
+    cases = {
+        ("--nodes", "0"): "--nodes 0: must be >= 1",
+        ("--nodes", "5"): "--nodes 5: partition debug has 4 node(s)",
+        ("--gpus-per-node", "1"): "--gpus-per-node 1: partition debug has no GPUs",
+        ("--cluster", "partition=gpu"): "partition: 'gpu' does not exist",
+        # a node feature no node has: sbatch itself refuses, in its words, on one line
+        (
+            "--cluster",
+            "sbatch=[--constraint=bigmem]",
+        ): "refused the job: Batch job submission failed: Invalid feature",
+    }
+    for args, message in cases.items():
+        if args[0] == "--cluster":
+            key, value = args[1].split("=", 1)
+            args = ("--cluster", profile(tmp_path, **{key: yaml.safe_load(value)}))
+        res = cmal("submit", "pretrain", "-c", cfg, "--cluster", prof, *args)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
+        prof = profile(tmp_path)  # a --cluster case rewrote it
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("executor: slurm\npartitoin: debug\n")
+    res = cmal("submit", "pretrain", "-c", cfg, "--cluster", str(unknown))
+    assert res.returncode == 2 and "unknown key 'partitoin'" in res.stderr
+    no_slurm = subprocess.run(
+        [sys.executable, "-m", "cmal.cli", "submit", "pretrain", "-c", cfg, "--cluster", prof],
+        cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "PATH": os.path.dirname(sys.executable)},
+    )  # fmt: skip
+    assert no_slurm.returncode == 2 and "sbatch is not on this machine's PATH" in no_slurm.stderr
+    assert not list(tmp_path.rglob("jobs.json"))  # no job recorded ...
+    queue = subprocess.run(["squeue", "-h", "-n", "cmal-bad"], capture_output=True, text=True)
+    assert queue.returncode == 0 and not queue.stdout.strip()  # ... and none queued
+
+    dry = cmal("submit", "pretrain", "-c", cfg, "--cluster", prof, "--nodes", "2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "#SBATCH --nodes=2" in dry.stdout and "#SBATCH --signal=USR2@30" in dry.stdout
+    assert "#SBATCH --requeue" in dry.stdout and "name: bad" in dry.stdout
+    assert not list(tmp_path.rglob("jobs.json"))
