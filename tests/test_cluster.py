@@ -200,3 +200,18 @@ def test_bad_input_is_refused_and_nothing_is_submitted(world, slurm, tmp_path):
     assert "#SBATCH --nodes=2" in dry.stdout and "#SBATCH --signal=USR2@30" in dry.stdout
     assert "#SBATCH --requeue" in dry.stdout and "name: bad" in dry.stdout
     assert not list(tmp_path.rglob("jobs.json"))
+
+
+def test_local_executor_runs_the_ranks_here_and_dry_runs_a_workflow(world, tmp_path):
+    cfg = write_config(tmp_path, world, name="loc", engine={"steps": 6})
+    local = tmp_path / "local.yaml"
+    local.write_text("executor: local\nmax_requeues: 1\n")
+    res = cmal("submit", "pretrain", "-c", cfg, "--nodes", "2", "--cluster", str(local))
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in (tmp_path / "runs/loc/log.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in rows if r.get("event") == "start"] == [2]
+    assert max(r["step"] for r in rows) == 6
+
+    dry = cmal("submit", "run", "workflows/world.yaml", "--cluster", "local", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "cmal run workflows/world.yaml" in dry.stdout and "finetune-rec (finetune)" in dry.stdout

@@ -128,6 +128,7 @@ def test_scrape_agrees_with_log_and_prometheus_stores_the_series(world, tmp_path
         assert value(scraped, f"cmal_{key}") == row[key], key
     assert value(scraped, "cmal_peak_memory_bytes") == row["peak_memory_bytes"] > 0
     assert row["tokens_per_s"] > row["samples_per_s"] > 0
+    assert row["grad_norm"] > 0  # ZeRO-0 keeps none: the loop takes it before the step
     assert "mfu" not in row  # a CPU: no peak, so no made-up MFU
     assert value(scraped, "cmal_restarts") == 0
 

@@ -119,6 +119,20 @@ def _reduce_mean(values: dict[str, float], world: World) -> dict[str, float]:
     return {k: v / world.size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def _logs(step: int, e) -> bool:
+    return step % e.log_every == 0 or step == e.steps
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    norms = [p.grad.detach().double().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _ds_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float("nan") if norm is None else float(norm)
+
+
 def train(
     engine,
     loader,
@@ -145,7 +159,7 @@ def train(
 
     write({"event": "start", "step": start_step, "world_size": world.size, "time": time.time(),
            "job": os.environ.get("SLURM_JOB_ID", "local")})  # fmt: skip
-    step, last, skips = start_step, {}, 0
+    step, last, skips, grad_norm = start_step, {}, 0, float("nan")
     # Loss sums stay on the device between log steps: no host sync for them in the step.
     window: dict[str, torch.Tensor] = {}
     window_steps, window_samples, window_time, window_wait = 0, 0, 0.0, 0.0
@@ -185,6 +199,11 @@ def train(
                     continue
                 skips = 0
                 engine.backward(losses["loss"])
+                last_micro = micro == e.grad_accum - 1
+                if last_micro and e.zero_stage == 0 and (_logs(step + 1, e) or stop_now):
+                    # DeepSpeed keeps no global norm below ZeRO-1: take it here, where the
+                    # gradients are whole (and averaged over ranks) before the step.
+                    grad_norm = _grad_norm(engine.module)
                 engine.step()
                 micro += 1
                 samples += len(item["ids"])
@@ -197,7 +216,7 @@ def train(
             window_samples += samples * world.size
             window_time += time.perf_counter() - t0
             window_wait += wait
-            if step % e.log_every == 0 or step == e.steps or stop_now:
+            if _logs(step, e) or stop_now:
                 sums = {k: v.item() / window_steps for k, v in window.items()}
                 means = _reduce_mean(
                     {**sums, "_rows": window_rows, "_tokens": window_tokens}, world
@@ -210,7 +229,7 @@ def train(
                     "step": step,
                     **means,
                     "lr": engine.get_lr()[0],
-                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "grad_norm": grad_norm if e.zero_stage == 0 else _ds_norm(engine),
                     "samples_per_s": rate,
                     "tokens_per_s": tokens_per_s,
                     "data_wait": window_wait / seconds,
