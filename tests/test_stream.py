@@ -94,14 +94,22 @@ def test_two_ranks_two_workers_are_disjoint_and_cover(world, tmp_path):
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
         }
+        # The process group first, as training has it: left to itself, streaming opens and
+        # destroys one per dataset on the same port, and a rank can reach the other's old
+        # store while it is being torn down (seen hanging after other tests).
         code = (
             "import json,sys; sys.path.insert(0, 'tests');"
+            "import torch.distributed as dist; dist.init_process_group('gloo');"
             "from test_stream import cfg_for, epoch;"
             f"ids, _ = epoch(cfg_for({str(shards)!r}, {str(tmp_path / 'c')!r}, 'data.workers=2'));"
             f"json.dump(ids, open({str(tmp_path / f'r{rank}.json')!r}, 'w'))"
         )
         procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env))
-    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    try:
+        assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     assert r0 and r1 and not set(r0) & set(r1)
     assert sorted(r0 + r1) == sorted(all_ids(shards))
