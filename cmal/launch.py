@@ -176,7 +176,7 @@ class StageJob:
         if os.environ.get("SLURM_PROCID", "0") != "0":
             return
         job = os.environ["SLURM_JOB_ID"]
-        res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        res = _slurm("scontrol", "requeue", job)
         if res.returncode != 0:  # e.g. SLURM requeues it already (preemption)
             print(f"cmal: scontrol requeue {job}: {res.stderr.strip()}", file=sys.stderr)
 

@@ -45,23 +45,22 @@ def run_url(cfg: Config) -> str:
     return f"{cfg.checkpoint.root.rstrip('/')}/{cfg.name}"
 
 
-def run_store(cfg: Config, world=None):
-    """The run's object store (None for a local run). On rank 0, the store's log.jsonl is
-    fetched when longer than the mirror's (the run went on on another node), so that the
-    mirror's log is appended to, never uploaded over the store's."""
+def run_store(cfg: Config):
+    """The run's object store (None for a local run)."""
     from cmal.engine.store import is_remote, store_for
 
-    if not is_remote(cfg.checkpoint.root):
-        return None
-    store = store_for(cfg, run_url(cfg))
-    if world is None or world.is_main:
-        log = run_dir(cfg) / "log.jsonl"
-        remote = store.read_text("log.jsonl")
-        have = log.stat().st_size if log.exists() else 0
-        if remote is not None and len(remote.encode()) > have:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(remote)
-    return store
+    return store_for(cfg, run_url(cfg)) if is_remote(cfg.checkpoint.root) else None
+
+
+def pull_log(store, folder: Path) -> None:
+    """The store's log.jsonl into the mirror when it is longer (the run went on on another
+    node), so that the mirror's log is appended to, never uploaded over the store's."""
+    log = folder / "log.jsonl"
+    remote = store.read_text("log.jsonl")
+    have = log.stat().st_size if log.exists() else 0
+    if remote is not None and len(remote.encode()) > have:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(remote)
 
 
 def sync_run(cfg: Config, folder: Path) -> None:
@@ -91,7 +90,9 @@ def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool
 
     folder = run_dir(cfg)
     engine, _ = build_engine(module, cfg, world)
-    store = run_store(cfg, world)
+    store = run_store(cfg)
+    if store is not None and world.is_main:
+        pull_log(store, folder)
     ckpt = Checkpointer(folder, cfg, world.rank, world.size, store, world.local_rank)
     start, data_state = 0, None
     newest = ckpt.newest()

@@ -92,25 +92,32 @@ class Store:
         except botocore.exceptions.ClientError:
             return False
 
-    def keys(self, rel: str) -> list[str]:
-        """Every key under ``rel/``, relative to it."""
+    def _list(self, rel: str, nested: bool) -> tuple[list[str], list[str]]:
+        """(keys, sub-folder names) under ``rel/``, relative to it; ``nested``: every key
+        at any depth (and no folders), else only the keys and folders right under it."""
         base = self._under(rel)
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=base
+            Bucket=self.bucket, Prefix=base, **({} if nested else {"Delimiter": "/"})
         )
-        return [o["Key"][len(base) :] for page in pages for o in page.get("Contents", [])]
+        keys, folders = [], []
+        for page in pages:
+            keys += [o["Key"][len(base) :] for o in page.get("Contents", [])]
+            folders += [
+                p["Prefix"][len(base) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+            ]
+        return keys, folders
+
+    def keys(self, rel: str) -> list[str]:
+        """Every key under ``rel/``, relative to it."""
+        return self._list(rel, nested=True)[0]
+
+    def files(self, rel: str) -> list[str]:
+        """The keys right under ``rel/`` (not in its sub-folders)."""
+        return self._list(rel, nested=False)[0]
 
     def folders(self, rel: str) -> list[str]:
         """Names of the sub-folders right under ``rel/``."""
-        base = self._under(rel)
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=base, Delimiter="/"
-        )
-        return sorted(
-            p["Prefix"][len(base) :].rstrip("/")
-            for page in pages
-            for p in page.get("CommonPrefixes", [])
-        )
+        return sorted(self._list(rel, nested=False)[1])
 
     def upload(self, local: Path, rel: str) -> None:
         self.client.upload_file(str(local), self.bucket, self.key(rel))
@@ -188,7 +195,7 @@ def local_run(path: str | Path, endpoint: str | None = None) -> Path:
     store = Store(str(path), endpoint)
     local = mirror_of(store.url)
     local.mkdir(parents=True, exist_ok=True)
-    names = [k for k in store.keys("") if "/" not in k]
+    names = store.files("")
     if not names:
         raise ConfigError(f"{path}: no run folder there (no objects under it)")
     for name in names:
