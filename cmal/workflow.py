@@ -6,7 +6,8 @@ A stage already done with the same hash is skipped; an interrupted one resumes f
 run's newest checkpoint (the run does that by itself); a failed one stops the chain with
 the stage's name and its error. Stage kinds and their fields:
 
-- ``world``: ``out``, ``images``, ``seed`` — the scene world and its shards.
+- ``world``: ``out``, ``images``, ``seed``, ``attribute_tags`` (default true: regions
+  tagged "<colour> <shape>") — the scene world and its shards.
 - ``pretrain``: ``config``, ``overrides``.
 - ``finetune``: ``task``, ``config``, ``from`` (a stage name, a path, or ``none`` for the
   untrained baseline), ``overrides``.
@@ -29,7 +30,7 @@ import yaml
 from cmal.config import Config, ConfigError, config_hash, load_config
 
 KINDS = {
-    "world": {"name", "kind", "out", "images", "seed"},
+    "world": {"name", "kind", "out", "images", "seed", "attribute_tags"},
     "pretrain": {"name", "kind", "config", "overrides"},
     "finetune": {"name", "kind", "task", "config", "from", "overrides"},
     "evaluate": {"name", "kind", "task", "run", "splits"},
@@ -124,6 +125,7 @@ class Runner:
         kind = st["kind"]
         if kind == "world":
             inputs = {k: st.get(k) for k in ("out", "images", "seed")}
+            inputs["attribute_tags"] = bool(st.get("attribute_tags", True))
             return _digest(inputs), inputs
         if kind == "pretrain":
             cfg = self.config(st, [])
@@ -209,7 +211,9 @@ class Runner:
             import shutil
 
             shutil.rmtree(out / "shards", ignore_errors=True)
-            convert_world(out, out / "shards", load_tokenizer())
+            convert_world(
+                out, out / "shards", load_tokenizer(), attribute_tags=inputs["attribute_tags"]
+            )
             return "done", {"world": str(out), "shards": str(out / "shards")}
         if kind == "pretrain":
             from cmal.stages import pretrain

@@ -90,3 +90,22 @@ def test_multi_wordpiece_word_with_real_tokenizer():
     assert pieces[by_concept["giraffe"].text_pos] == tok.tokenize("giraffes")[0]
     assert pieces[by_concept["traffic light"].text_pos] == "traffic"
     assert by_concept["traffic light"].region == 1
+
+
+def test_attribute_tags_match_synonyms_word_by_word():
+    vocab = ConceptVocab(["red circle", "blue circle", "red square", "cell phone"])
+    words = split_words("Two red discs and a blue ring near a red block")
+    starts = list(range(1, len(words) + 1))
+    tags = ["blue circle", "red circle", "red square"]
+    pairs = find_anchors(words, starts, tags, [0.9] * 3, vocab)
+    # Each anchor is the colour word (the phrase's first word) bound to its region.
+    assert [(words[p.text_pos - 1], p.region, vocab.concepts[p.concept]) for p in pairs] == [
+        ("red", 1, "red circle"),
+        ("blue", 0, "blue circle"),
+        ("red", 2, "red square"),
+    ]
+    # A colour that the image does not have is not an anchor, whatever the shape.
+    assert find_anchors(["a", "blue", "block"], [1, 2, 3], tags, [0.9] * 3, vocab) == []
+    # An already canonical phrase is not mapped again word by word ("phone" -> "cell phone").
+    assert vocab.canonical("cell phone") == "cell phone"
+    assert vocab.canonical("mobile phones") == "cell phone"

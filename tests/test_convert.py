@@ -300,6 +300,17 @@ def test_wrong_feature_shape_names_sample_or_is_skipped(tmp_path):
         write_shards(coco.records(cap), builder(feats), tmp_path / "o2", "pretrain", "skip")
 
 
+def test_attribute_tags_from_lxmert_attrs_id(tmp_path):
+    feats, boxes = _regions(2, 0)
+    line = lxmert_line("7", 640, 480, boxes, [0, 1], [0.9, 0.8], feats, [1, 0], [0.7, 0.6])
+    (tmp_path / "a.tsv").write_text(line)
+    src = FeatureSource(tmp_path / "a.tsv", ["dog", "frisbee"], ["black", "white"])
+    assert src["7"].tags == ["white dog", "black frisbee"]
+    assert FeatureSource(tmp_path / "a.tsv", ["dog", "frisbee"])["7"].tags == ["dog", "frisbee"]
+    with pytest.raises(DataError, match=r"image 7\): attribute id 1 outside the attribute list"):
+        FeatureSource(tmp_path / "a.tsv", ["dog", "frisbee"], ["black"])["7"]
+
+
 def test_feature_file_errors(tmp_path):
     with pytest.raises(DataError, match="region features not found"):
         FeatureSource(tmp_path / "nope.tsv")

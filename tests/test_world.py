@@ -74,6 +74,21 @@ def test_captions_exercise_the_anchor_operator(world):
     ds = StreamingDataset(local=str(world / "shards/pretrain/train"), shuffle=False)
     with_anchor = sum(len(ds[i]["anchors"]) > 0 for i in range(len(ds)))
     assert with_anchor / len(ds) > 0.8
+    # Attribute tags ("red circle"): an anchor is the colour word of a colour-shape phrase,
+    # its concept that colour and shape, and its region tagged so (the caption is true of
+    # the scene, so mismatches can only come from the detector's 5% wrong colours/tags).
+    tok = load_tokenizer()
+    concepts = [f"{c} {s}" for s in SHAPES for c in COLOURS]
+    agree = total = 0
+    for i in range(len(ds)):
+        sample = ds[i]
+        pieces = tok.convert_ids_to_tokens(sample["input_ids"].tolist())
+        for pos, region, concept in sample["anchors"]:
+            colour, shape = concepts[concept].split()
+            assert pieces[pos] == colour
+            agree += sample["tags"][region] == f"{colour} {shape}"
+            total += 1
+    assert agree == total  # a pair's region carries the pair's concept by construction
 
 
 def test_features_carry_colour_and_shape():

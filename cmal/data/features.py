@@ -2,14 +2,16 @@
 
 - **BUTD/LXMERT tsv** (one image per line, tab-separated, arrays base64-encoded):
   ``img_id img_h img_w objects_id objects_conf attrs_id attrs_conf num_boxes boxes features``
-  (LXMERT's 10 fields; tags come from ``objects_id`` and a class list), or the original
+  (LXMERT's 10 fields; tags come from ``objects_id`` and a class list, and with an
+  attribute list too, ``attrs_id`` prefixes each tag: "red car", VinVL-style), or the original
   bottom-up-attention 6 fields ``image_id image_w image_h num_boxes boxes features``
   (no tags, so no anchors).
 - **VinVL tsv**: ``image_key <tab> json`` with ``{"image_w", "image_h", "objects": [{"rect":
   [x1,y1,x2,y2], "class", "conf", "feature": base64 float32}]}``.
 - **npz folder**: ``<key>.npz`` per image with ``features`` (R, F), ``boxes`` (R, 4) pixel
   x1,y1,x2,y2, ``image_w``, ``image_h``, and ``tags`` (R,) + ``confidences`` (R,), or
-  ``objects_id`` + ``objects_conf`` with a class list.
+  ``objects_id`` + ``objects_conf`` with a class list (and optionally ``attrs_id`` with an
+  attribute list).
 
 Every reader gives :class:`Regions` keyed by the image key as a string.
 """
@@ -95,8 +97,11 @@ def encode_b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode()
 
 
-def lxmert_line(key: str, w: int, h: int, boxes_px, class_ids, confs, feats) -> str:
-    """One LXMERT-format tsv line (float32 boxes and features, int64 class ids)."""
+def lxmert_line(
+    key: str, w: int, h: int, boxes_px, class_ids, confs, feats, attr_ids=None, attr_confs=None
+) -> str:
+    """One LXMERT-format tsv line (float32 boxes and features, int64 class and attribute
+    ids; attributes default to id 0 with confidence 0, as when a detector has none)."""
     n = len(class_ids)
     fields = [
         key,
@@ -104,8 +109,8 @@ def lxmert_line(key: str, w: int, h: int, boxes_px, class_ids, confs, feats) -> 
         str(w),
         encode_b64(np.asarray(class_ids, np.int64)),
         encode_b64(np.asarray(confs, np.float32)),
-        encode_b64(np.zeros(n, np.int64)),
-        encode_b64(np.zeros(n, np.float32)),
+        encode_b64(np.asarray(np.zeros(n) if attr_ids is None else attr_ids, np.int64)),
+        encode_b64(np.asarray(np.zeros(n) if attr_confs is None else attr_confs, np.float32)),
         str(n),
         encode_b64(np.asarray(boxes_px, np.float32)),
         encode_b64(np.asarray(feats, np.float32)),
@@ -116,9 +121,17 @@ def lxmert_line(key: str, w: int, h: int, boxes_px, class_ids, confs, feats) -> 
 class FeatureSource:
     """Random access to region features by image key, from any supported format."""
 
-    def __init__(self, path: str | Path, classes: list[str] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        classes: list[str] | None = None,
+        attributes: list[str] | None = None,
+    ):
         self.path = Path(path)
         self.classes = classes
+        self.attributes = attributes
+        """When given, each region's tag is "<attribute> <class>" (LXMERT tsv and npz
+        with ``attrs_id``): anchors then bind attribute and object together."""
         self._offsets: dict[str, int] = {}
         if self.path.is_dir():
             self.kind = "npz"
@@ -173,12 +186,14 @@ class FeatureSource:
             fields, where
         )
 
-    def _tag(self, class_id: int, where: str) -> str:
-        if not 0 <= class_id < len(self.classes):
-            raise DataError(
-                f"{where}: class id {class_id} outside the class list ({len(self.classes)})"
-            )
-        return self.classes[class_id]
+    def _tags(self, class_ids, attr_ids, where: str) -> list[str]:
+        names = [_lookup(self.classes, int(i), where, "class") for i in class_ids]
+        if self.attributes is None or attr_ids is None:
+            return names
+        if len(attr_ids) != len(names):
+            raise DataError(f"{where}: {len(attr_ids)} attribute ids for {len(names)} regions")
+        attrs = [_lookup(self.attributes, int(i), where, "attribute") for i in attr_ids]
+        return [f"{a} {c}" for a, c in zip(attrs, names, strict=True)]
 
     def _lxmert(self, f: list[str], where: str) -> Regions:
         if len(f) != 10:
@@ -188,13 +203,14 @@ class FeatureSource:
         if feats.size % max(n, 1):
             raise DataError(f"{where}: features: {feats.size} floats do not split into {n} regions")
         ids = _b64(f[3], np.int64, where, "objects_id")
+        attrs = _b64(f[5], np.int64, where, "attrs_id") if self.attributes is not None else None
         return _regions(
             where,
             feats.reshape(n, -1),
             _b64(f[8], np.float32, where, "boxes").reshape(-1, 4),
             float(f[2]),
             float(f[1]),
-            [self._tag(int(i), where) for i in ids],
+            self._tags(ids, attrs, where),
             _b64(f[4], np.float32, where, "objects_conf"),
         )
 
@@ -238,7 +254,8 @@ class FeatureSource:
             elif "objects_id" in z:
                 if self.classes is None:
                     raise DataError(f"{where}: stores objects_id; pass the class list (--classes)")
-                tags = [self._tag(int(i), where) for i in z["objects_id"]]
+                attrs = z["attrs_id"] if "attrs_id" in z else None
+                tags = self._tags(z["objects_id"], attrs, where)
                 confs = z["objects_conf"]
             else:
                 n = len(z["features"])
@@ -256,3 +273,9 @@ class FeatureSource:
             raise DataError(f"{where}: missing array {e}") from None
         except (ValueError, OSError) as e:
             raise DataError(f"{where}: not a readable npz file ({e})") from None
+
+
+def _lookup(names: list[str], i: int, where: str, what: str) -> str:
+    if not 0 <= i < len(names):
+        raise DataError(f"{where}: {what} id {i} outside the {what} list ({len(names)})")
+    return names[i]

@@ -29,6 +29,8 @@ COLOURS = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
 }
+ATTRIBUTES = tuple(COLOURS)
+"""The detector's attribute list (a colour per region, as Visual Genome detectors give)."""
 SIZES = {"small": (7, 11), "large": (13, 19)}
 """Half-extent of an object in pixels, per size word."""
 BACKGROUND = (128, 128, 128)
@@ -63,6 +65,8 @@ class Detection:
     """One class name per region."""
     confidences: np.ndarray
     """(R,) float32 in (0, 1]."""
+    attributes: list[str] = field(default_factory=list)
+    """One attribute (colour) name per region."""
     source: list[int] = field(default_factory=list)
     """Index of the true object a region came from, -1 for an extra box."""
 
@@ -73,6 +77,8 @@ class NoiseConfig:
 
     wrong_tag: float = 0.05
     """Probability that a region's tag is another class."""
+    wrong_attribute: float = 0.05
+    """Probability that a region's attribute is another colour."""
     missed: float = 0.05
     """Probability that an object gets no region."""
     extra: float = 0.1
@@ -135,7 +141,11 @@ def draw(objs: list[Obj]) -> Image.Image:
 
 def detect(rng: np.random.Generator, objs: list[Obj], noise: NoiseConfig) -> Detection:
     """Simulated detector output for the true objects."""
-    boxes, tags, confs, source = [], [], [], []
+    boxes, tags, attrs, confs, source = [], [], [], [], []
+
+    def anything(names) -> str:
+        return names[int(rng.integers(len(names)))]
+
     for k, o in enumerate(objs):
         if rng.random() < noise.missed:
             continue
@@ -143,18 +153,22 @@ def detect(rng: np.random.Generator, objs: list[Obj], noise: NoiseConfig) -> Det
         boxes.append(_clip(np.asarray(o.box) + jit))
         tag = o.shape
         if rng.random() < noise.wrong_tag:
-            tag = SHAPES[int(rng.integers(len(SHAPES)))]
+            tag = anything(SHAPES)
         tags.append(tag)
+        attrs.append(anything(ATTRIBUTES) if rng.random() < noise.wrong_attribute else o.colour)
         confs.append(float(rng.uniform(0.6, 0.99)))
         source.append(k)
     if rng.random() < noise.extra or not boxes:
         x1, y1 = rng.uniform(0, IMAGE_SIZE - 16, 2)
         w, h = rng.uniform(8, 24, 2)
         boxes.append(_clip(np.array([x1, y1, x1 + w, y1 + h])))
-        tags.append(SHAPES[int(rng.integers(len(SHAPES)))])
+        tags.append(anything(SHAPES))
+        attrs.append(anything(ATTRIBUTES))
         confs.append(float(rng.uniform(0.2, 0.5)))
         source.append(-1)
-    return Detection(np.asarray(boxes, np.float32), tags, np.asarray(confs, np.float32), source)
+    return Detection(
+        np.asarray(boxes, np.float32), tags, np.asarray(confs, np.float32), attrs, source
+    )
 
 
 def ground_truth(objs: list[Obj]) -> Detection:
@@ -163,6 +177,7 @@ def ground_truth(objs: list[Obj]) -> Detection:
         np.asarray([o.box for o in objs], np.float32),
         [o.shape for o in objs],
         np.ones(len(objs), np.float32),
+        [o.colour for o in objs],
         list(range(len(objs))),
     )
 

@@ -9,7 +9,7 @@ Layout under ``out``::
     features/det.tsv                      simulated detector regions (noisy boxes and tags),
                                           LXMERT tsv format, class ids into classes.txt
     features/gt.tsv                       ground-truth boxes as regions (REC gt setting)
-    classes.txt                           the detector's class list
+    classes.txt, attributes.txt           the detector's class and attribute lists
     coco/captions_{train,val}.json        pre-training pairs (COCO captions format)
     vqa/v2_OpenEnded_mscoco_<s>_questions.json, vqa/v2_mscoco_<s>_annotations.json
     snli_ve/snli_ve_{train,dev,test}.jsonl
@@ -36,6 +36,7 @@ import numpy as np
 from cmal.data import language
 from cmal.data.features import lxmert_line
 from cmal.data.scene import (
+    ATTRIBUTES,
     IMAGE_SIZE,
     SHAPES,
     NoiseConfig,
@@ -81,7 +82,10 @@ def _split_of(index: int, n: int) -> str:
 def _regions_line(key: str, image, det, feature_dim: int) -> str:
     feats = region_features(image, det.boxes, feature_dim)
     ids = [SHAPES.index(t) for t in det.tags]
-    return lxmert_line(key, IMAGE_SIZE, IMAGE_SIZE, det.boxes, ids, det.confidences, feats)
+    attrs = [ATTRIBUTES.index(a) for a in det.attributes]
+    return lxmert_line(
+        key, IMAGE_SIZE, IMAGE_SIZE, det.boxes, ids, det.confidences, feats, attrs, det.confidences
+    )
 
 
 def _render(job: tuple[str, int, Path, WorldConfig]) -> tuple[list[Obj], str, str]:
@@ -127,6 +131,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
             f.writelines(r[column] for r in rendered)
     rate = len(jobs) / (time.perf_counter() - start)
     (out / "classes.txt").write_text("\n".join(SHAPES) + "\n")
+    (out / "attributes.txt").write_text("\n".join(ATTRIBUTES) + "\n")
 
     text_rng = np.random.default_rng([cfg.seed, 1_000_000_007])
     counts = _write_captions_vqa_ve(out, scenes[:n], text_rng)

@@ -7,7 +7,9 @@ word of the occurrence, the region is the highest-confidence region carrying tha
 
 Normalisation, applied to tags and words alike: lower case, singular form (rules plus an
 irregular table), then the shipped synonym table (``synonyms.json``) maps to a canonical
-concept name. Pure Python; the only file it reads is that table, shipped in the package.
+concept name: the whole phrase if the table has it, else word by word, so that attribute
+tags ("red car") match "red automobile" as well. Pure Python; the only file it reads is
+that table, shipped in the package.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class ConceptVocab:
 
     def __post_init__(self) -> None:
         self.synonyms = {_norm(k): _norm(v) for k, v in self.synonyms.items()}
+        self._targets = set(self.synonyms.values())
         self.concepts = [self.canonical(c) for c in self.concepts]
         self.index = {c: i for i, c in enumerate(self.concepts)}
         if len(self.index) != len(self.concepts):
@@ -114,7 +117,11 @@ class ConceptVocab:
     def canonical(self, phrase: str) -> str:
         """Normalise a tag or a phrase: lower case, singular per word, synonym table."""
         norm = _norm(phrase)
-        return self.synonyms.get(norm, norm)
+        if norm in self.synonyms:
+            return self.synonyms[norm]
+        if norm in self._targets:  # already canonical: "cell phone" is not "cell" + "phone"
+            return norm
+        return " ".join(self.synonyms.get(w, w) for w in norm.split())
 
     def concept_id(self, phrase: str) -> int | None:
         """Concept id of a tag or phrase, or None if it is not in the vocabulary."""

@@ -92,6 +92,14 @@ def read_classes(path: str | Path | None) -> list[str] | None:
     return [line.split(",")[0].strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def concept_names(classes: list[str], attributes: list[str] | None = None) -> list[str]:
+    """The anchor concepts of a detector: its classes, or every "<attribute> <class>" when
+    regions are tagged with attributes too."""
+    if attributes is None:
+        return list(classes)
+    return [f"{a} {c}" for c in classes for a in attributes]
+
+
 @dataclass
 class Converted:
     """What a conversion wrote."""

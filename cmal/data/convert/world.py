@@ -8,6 +8,7 @@ from cmal.data.convert import (
     Converted,
     SampleBuilder,
     coco,
+    concept_names,
     nlvr2,
     read_classes,
     refcoco,
@@ -20,16 +21,25 @@ from cmal.model.anchors import ConceptVocab
 
 
 def convert_world(
-    world: str | Path, out: str | Path, tokenizer, max_text_len: int = 40, max_regions: int = 36
+    world: str | Path,
+    out: str | Path,
+    tokenizer,
+    max_text_len: int = 40,
+    max_regions: int = 36,
+    attribute_tags: bool = True,
 ) -> dict[str, Converted]:
-    """Shards under ``out/<set>/<split>`` for pretrain, vqa, ve, nlvr2, rec_gt, rec_det."""
+    """Shards under ``out/<set>/<split>`` for pretrain, vqa, ve, nlvr2, rec_gt, rec_det.
+
+    ``attribute_tags``: tag each region "<colour> <shape>" (48 anchor concepts), so an
+    anchor binds a colour to a shape; False keeps the bare shape tags (6 concepts)."""
     w, out = Path(world), Path(out)
     classes = read_classes(w / "classes.txt")
-    vocab = ConceptVocab(classes)
+    attributes = read_classes(w / "attributes.txt") if attribute_tags else None
+    vocab = ConceptVocab(concept_names(classes, attributes))
 
     def builder(kind: str) -> SampleBuilder:
         return SampleBuilder(
-            FeatureSource(w / "features" / f"{kind}.tsv", classes),
+            FeatureSource(w / "features" / f"{kind}.tsv", classes, attributes),
             vocab,
             tokenizer,
             max_text_len,
