@@ -226,6 +226,9 @@ def data_world(
     feature_dim: int = typer.Option(128, min=8, help="Size of a region feature vector."),
     workers: int = typer.Option(2, min=1, help="Rendering processes."),
     shards: bool = typer.Option(True, help="Also convert everything into shards under OUT/shards."),
+    attribute_tags: bool = typer.Option(
+        True, help="Tag regions '<colour> <shape>' (48 anchor concepts) instead of the shape."
+    ),
 ) -> None:
     """Render the scene world in the public formats (COCO, VQA v2, SNLI-VE, NLVR2, RefCOCO+)."""
     from cmal.data.world import WorldConfig, generate
@@ -238,7 +241,9 @@ def data_world(
         from cmal.data.convert.world import convert_world
         from cmal.pretrained import load_tokenizer
 
-        for name, done in convert_world(out, out / "shards", load_tokenizer()).items():
+        tokenizer = load_tokenizer()
+        converted = convert_world(out, out / "shards", tokenizer, attribute_tags=attribute_tags)
+        for name, done in converted.items():
             typer.echo(f"shards {name:<16} {done.samples:>7} samples {done.anchors:>7} anchors")
 
 
@@ -254,6 +259,11 @@ def data_convert(
     ),
     out: Path = typer.Option(..., help="Shard folder to write (must be new or empty)."),
     classes: Path | None = typer.Option(None, help="Detector class list (one per line)."),
+    attributes: Path | None = typer.Option(
+        None,
+        help="Attribute list (one per line): tags become '<attribute> <class>' from "
+        "attrs_id (LXMERT tsv, npz).",
+    ),
     captions: Path | None = typer.Option(None, help="coco-captions: captions_<split>.json"),
     regions: Path | None = typer.Option(None, help="vg: region_descriptions.json"),
     questions: Path | None = typer.Option(None, help="vqa: questions json"),
@@ -271,6 +281,7 @@ def data_convert(
     from cmal.data.convert import (
         SampleBuilder,
         coco,
+        concept_names,
         nlvr2,
         read_classes,
         refcoco,
@@ -307,9 +318,12 @@ def data_convert(
         raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     task, records = readers[fmt]()
     names = read_classes(classes)
-    source = FeatureSource(features, names)
+    attrs = read_classes(attributes)
+    if attrs is not None and names is None:
+        raise DataError("--attributes needs --classes (attribute tags name a class too)")
+    source = FeatureSource(features, names, attrs)
     vocab = (
-        ConceptVocab(names)
+        ConceptVocab(concept_names(names, attrs))
         if names
         else ConceptVocab(sorted({t for k in source.keys() for t in source[k].tags} - {""}))
     )
@@ -318,6 +332,35 @@ def data_convert(
     typer.echo(
         f"wrote {done.samples} samples ({done.anchors} anchors, {done.skipped} skipped) to {out}"
     )
+
+
+ImagesOption = typer.Option(..., "--images", help="Folder of images, or s3://bucket/prefix.")
+FeaturesOutOption = typer.Option(..., "--out", help="Folder for the <key>.npz feature files.")
+DetectorOption = typer.Option("centernet", "--detector", help="centernet or frcnn")
+DetectSettings = typer.Argument(
+    None, help="Detector settings, e.g. weights=frcnn.pth min_confidence=0.3 on_bad_image=skip"
+)
+
+
+@app.command("extract")
+@user_errors
+def extract_cmd(
+    images: str = ImagesOption,
+    out: Path = FeaturesOutOption,
+    detector: str = DetectorOption,
+    settings: list[str] = DetectSettings,
+) -> None:
+    """Detect regions in images and write their features (resumable; ranks split the images)."""
+    from cmal.detect.extract import run_extract
+
+    done, rank, world = run_extract(images, str(out), detector, settings or [])
+    typer.echo(
+        f"rank {rank}/{world}: extracted {done.done} images ({done.regions} regions, "
+        f"{done.images_per_s} images/s), {done.already} already done, {len(done.skipped)} "
+        f"skipped, {done.converted} converted to RGB -> {out}"
+    )
+    for why in done.skipped.values():
+        typer.echo(f"  skipped {why}")
 
 
 def main() -> None:
@@ -340,7 +383,7 @@ def _submit(spec, cluster, nodes, gpus, dry_run: bool, shown: str) -> None:
     from cmal import launch
 
     path, prof = launch.load(cluster, nodes, gpus)
-    if prof.executor == "slurm":
+    if prof.executor == "slurm" and spec.kind != "extract":  # extract saves per image
         spec.overrides = [*spec.overrides, f"checkpoint.signal=SIG{prof.signal}"]
     if dry_run:
         typer.echo(f"# profile {path}: {prof.executor}, {prof.nodes} node(s)")
@@ -397,6 +440,30 @@ def submit_finetune(
     cfg = finetune_config(task, source, config, overrides or [])
     spec = JobSpec("finetune", cfg.name, config, list(overrides or []), task, source)
     _submit(spec, cluster, nodes, gpus_per_node, dry_run, "# resolved config\n" + to_yaml(cfg))
+
+
+@submit_app.command("extract")
+@user_errors
+def submit_extract(
+    images: str = ImagesOption,
+    out: Path = FeaturesOutOption,
+    detector: str = DetectorOption,
+    settings: list[str] = DetectSettings,
+    nodes: int | None = NodesOption,
+    gpus_per_node: int | None = GpusOption,
+    cluster: str | None = ClusterOption,
+    dry_run: bool = DryRunOption,
+) -> None:
+    """Extract region features as a job: its ranks split the images; a requeued job skips
+    the images already done."""
+    from cmal.detect.base import detect_config
+    from cmal.launch import JobSpec
+
+    cfg = detect_config(detector, settings or [])
+    name = f"extract-{Path(out).name}"
+    spec = JobSpec("extract", name, overrides=list(settings or []), detector=detector,
+                   images=images, out=str(Path(out).resolve()))  # fmt: skip
+    _submit(spec, cluster, nodes, gpus_per_node, dry_run, f"# detector settings\n{cfg}")
 
 
 @submit_app.command("run")

@@ -56,7 +56,7 @@ class JobSpec:
     """What a job runs: a stage of the CLI, with its config and overrides."""
 
     kind: str
-    """pretrain, finetune or run (a workflow)."""
+    """pretrain, finetune, run (a workflow) or extract (region features)."""
     name: str
     """The run (or workflow) name: it names the job's folder."""
     config: str | None = None
@@ -64,12 +64,18 @@ class JobSpec:
     task: str | None = None
     source: str | None = None
     workflow: str | None = None
+    detector: str | None = None
+    images: str | None = None
+    out: str | None = None
 
     def argv(self) -> list[str]:
         """The same work as a ``cmal`` command line."""
         over = list(self.overrides)
         if self.kind == "run":
             return ["run", str(self.workflow), *over]
+        if self.kind == "extract":
+            where = ["--images", str(self.images), "--out", str(self.out)]
+            return ["extract", *where, "--detector", str(self.detector), *over]
         args = [self.kind] + (["-c", self.config] if self.config else [])
         if self.kind == "finetune":
             args += ["--task", str(self.task)] + (["--from", self.source] if self.source else [])
@@ -81,6 +87,11 @@ class JobSpec:
             from cmal.workflow import Runner, load_workflow
 
             return Runner(load_workflow(str(self.workflow), self.overrides)).run()
+        if self.kind == "extract":
+            from cmal.detect.extract import run_extract
+
+            run_extract(str(self.images), str(self.out), str(self.detector), self.overrides)
+            return "done"
         if self.kind == "pretrain":
             from cmal.config import load_config
             from cmal.stages import pretrain

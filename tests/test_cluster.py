@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -215,3 +216,22 @@ def test_local_executor_runs_the_ranks_here_and_dry_runs_a_workflow(world, tmp_p
     dry = cmal("submit", "run", "workflows/world.yaml", "--cluster", "local", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "cmal run workflows/world.yaml" in dry.stdout and "finetune-rec (finetune)" in dry.stdout
+
+
+def test_extract_job_splits_images_over_two_nodes(slurm, tmp_path):
+    """`cmal submit extract` on the real SLURM: its two ranks write disjoint halves."""
+    samples = Path(__import__("skimage.data").data.__file__).parent
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name in ("astronaut.png", "coffee.png", "horse.png"):
+        (images / name).write_bytes((samples / name).read_bytes())
+    out = tmp_path / "feats"
+    res = cmal("submit", "extract", "--images", str(images), "--out", str(out), "--nodes", "2",
+               "--cluster", profile(tmp_path))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.split("submitted job ")[1].split(":")[0]
+    wait(lambda: state(job).get("JobState") in ("COMPLETED", "FAILED"), 300, "the job's end")
+    assert state(job)["JobState"] == "COMPLETED"
+    assert sorted(p.stem for p in out.glob("*.npz")) == ["astronaut", "coffee", "horse"]
+    ranks = [json.loads((out / f"_extract/rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["done"] for r in ranks] == [2, 1]

@@ -41,15 +41,16 @@ def mirror_of(url: str, mirror_root: str | None = None) -> Path:
 class Store:
     """One run folder on an S3-compatible store: ``s3://bucket/prefix/<run>``."""
 
-    def __init__(self, url: str, endpoint: str | None = None):
+    def __init__(self, url: str, endpoint: str | None = None, field: str = "checkpoint.root"):
         import boto3
 
+        self.field = field
         if not is_remote(url):
             raise ConfigError(f"{url}: not an s3:// address")
         self.url = url.rstrip("/")
         self.bucket, _, self.prefix = self.url[len("s3://") :].partition("/")
         if not self.bucket or not self.prefix:
-            raise ConfigError(f"{url}: a run folder on S3 needs s3://bucket/prefix")
+            raise ConfigError(f"{field}: {url}: needs s3://bucket/prefix")
         self.client = boto3.client("s3", endpoint_url=endpoint or os.environ.get("S3_ENDPOINT_URL"))
         self._check()
 
@@ -60,7 +61,7 @@ class Store:
             self.client.head_bucket(Bucket=self.bucket)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
             raise ConfigError(
-                f"checkpoint.root: cannot use bucket {self.bucket!r} of {self.url} "
+                f"{self.field}: cannot use bucket {self.bucket!r} of {self.url} "
                 f"({e}); check the bucket, the credentials and data.s3_endpoint / "
                 "S3_ENDPOINT_URL"
             ) from None
@@ -73,12 +74,16 @@ class Store:
 
     # ------------------------------------------------------------------ objects
 
-    def read_text(self, rel: str) -> str | None:
+    def read_bytes(self, rel: str) -> bytes | None:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"]
         except self.client.exceptions.NoSuchKey:
             return None
-        return body.read().decode()
+        return body.read()
+
+    def read_text(self, rel: str) -> str | None:
+        data = self.read_bytes(rel)
+        return None if data is None else data.decode()
 
     def write_text(self, rel: str, text: str) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=text.encode())

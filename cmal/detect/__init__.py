@@ -1,0 +1,1 @@
+"""Region-feature extraction with real object detectors (``cmal extract``)."""
