@@ -28,6 +28,9 @@ def test_file_then_overrides(tmp_path):
     assert cfg.model.unified.layers == 3 and cfg.seed == 7
     assert cfg.model.text.hidden == 64  # from the file
     assert cfg.model.visual.feature_dim == 2048  # default kept
+    # YAML 1.1 reads "1e-4" as a string; a float field takes it as the number it is.
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    assert load_config(None, ["optim.lr=2E+1"]).optim.lr == 20.0
 
 
 def test_base_include_and_precedence(tmp_path):
