@@ -345,6 +345,9 @@ class TaskConfig:
     """Splits evaluated after fine-tuning; empty: the task's own (e.g. val and test)."""
     answers: int = 3129
     """VQA: size of the answer vocabulary (most frequent normalised training answers)."""
+    vqa_loss: Literal["bce", "softmax"] = "bce"
+    """VQA: ``bce`` on the soft scores, summed over answers (UNITER/LXMERT), or ``softmax``:
+    cross-entropy against the soft scores normalised to a distribution (MMF's option)."""
 
 
 @dataclass

@@ -359,3 +359,23 @@ def test_failed_stage_stops_the_chain_with_its_name(world, tmp_path):
         and "ft-vqa" not in state
         or state["ft-vqa"]["status"] == "failed"
     )
+
+
+def test_vqa_losses_by_hand():
+    """bce: BCE on the soft scores x answers; softmax: CE against the normalised scores."""
+    import math
+
+    from cmal.tasks.vqa import VQA
+
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    item = {"answers": [["yes"] * 9 + ["no"]]}  # scores: yes 1, no 0.3 (1 of 3 x 10 subsets)
+    info = {"answers": ["yes", "no", "2"], "loss": "softmax"}
+    t_yes, t_no = 1.0, 0.3
+    logp = torch.log_softmax(logits, -1)[0]
+    want = -(t_yes * logp[0] + t_no * logp[1]).item() / (t_yes + t_no)
+    assert math.isclose(VQA().loss(logits, item, info).item(), want, rel_tol=1e-5)
+    sig = torch.sigmoid(logits)[0]
+    bce = -(math.log(sig[0]) + t_no * math.log(sig[1]) + (1 - t_no) * math.log(1 - sig[1])
+            + math.log(1 - sig[2])) / 3  # fmt: skip
+    info["loss"] = "bce"
+    assert math.isclose(VQA().loss(logits, item, info).item(), bce * 3, rel_tol=1e-5)

@@ -33,7 +33,8 @@ class VQA(Task):
             counts.update(normalize(a) for a in train_dataset[i]["answers"])
         if not counts:
             raise ConfigError("vqa: the training shards hold no answers (test-dev shards?)")
-        return {"answers": [a for a, _ in counts.most_common(cfg.task.answers)]}
+        answers = [a for a, _ in counts.most_common(cfg.task.answers)]
+        return {"answers": answers, "loss": cfg.task.vqa_loss}
 
     def head(self, hidden: int, info: dict[str, Any]) -> torch.nn.Module:
         return VQAHead(hidden, len(info["answers"]))
@@ -45,6 +46,9 @@ class VQA(Task):
             for a in {normalize(h) for h in humans}:
                 if a in index:
                     target[k, index[a]] = accuracy(a, humans)
+        if info.get("loss") == "softmax":
+            dist = target / target.sum(1, keepdim=True).clamp(min=1e-6)
+            return -(dist * F.log_softmax(logits.float(), -1)).sum(1).mean()
         # UNITER's scaling: BCE summed over the answers, averaged over the batch.
         return F.binary_cross_entropy_with_logits(logits.float(), target) * target.shape[1]
 
