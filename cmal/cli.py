@@ -184,13 +184,22 @@ def evaluate_cmd(
 def run_cmd(
     workflow: Path = typer.Argument(..., help="workflows/<chain>.yaml"),
     overrides: list[str] = Overrides,
+    quick: bool = typer.Option(False, "--quick", help="A study's reduced variant."),
+    arms: str | None = typer.Option(None, help="A study's arms to run (comma-separated)."),
+    seeds: str | None = typer.Option(None, help="A study's seeds to run (comma-separated)."),
 ) -> None:
     """Run a chain of stages; done stages are skipped, interrupted ones resume."""
     from cmal.engine.loop import PREEMPTED_EXIT
     from cmal.workflow import Runner, StageFailed, load_workflow
 
     try:
-        status = Runner(load_workflow(workflow, overrides or []), echo=typer.echo).run()
+        picked = [a.strip() for a in arms.split(",")] if arms else None
+        try:
+            chosen = [int(x) for x in seeds.split(",")] if seeds else None
+        except ValueError:
+            raise ConfigError(f"--seeds: expected integers like 0,1, got {seeds!r}") from None
+        wf = load_workflow(workflow, overrides or [], quick, picked, chosen)
+        status = Runner(wf, echo=typer.echo).run()
     except StageFailed as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
@@ -332,6 +341,45 @@ def data_convert(
     typer.echo(
         f"wrote {done.samples} samples ({done.anchors} anchors, {done.skipped} skipped) to {out}"
     )
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run folders (e.g. runs/claim-*)."),
+    out: Path | None = typer.Option(None, help="Also write the tables to this Markdown file."),
+    plot: Path | None = typer.Option(None, help="PNG: metric vs pre-training data fraction."),
+) -> None:
+    """A study's results: per task, arms x splits, mean ± std over seeds."""
+    from cmal.report import collect, tables
+    from cmal.report import plot as plot_fraction
+
+    results = collect(runs)
+    text = tables(results)
+    typer.echo(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if plot:
+        made = plot_fraction(results, plot)
+        typer.echo(f"wrote {made}" if made else "no cmal/contrastive arms: no plot")
+
+
+@app.command("visualize")
+@user_errors
+def visualize_cmd(
+    runs: list[Path] = typer.Argument(
+        ..., help="Pre-training run folders (e.g. CMAL, contrastive)."
+    ),
+    out: Path = typer.Option(Path("docs/figures"), help="Folder for the PNG files."),
+    shards: str | None = typer.Option(None, help="Captions to use (default: each run's val set)."),
+    n: int = typer.Option(256, min=8, help="Captions per run for t-SNE and the AMC matrix."),
+) -> None:
+    """t-SNE at anchors, anchor-to-region attention, AMC confusion matrix (PNG)."""
+    from cmal.visualize import visualize
+
+    for path in visualize(runs, out, shards, n):
+        typer.echo(f"wrote {path}")
 
 
 ImagesOption = typer.Option(..., "--images", help="Folder of images, or s3://bucket/prefix.")

@@ -54,16 +54,22 @@ def pretrained_weights(source: str | Path, endpoint: str | None = None) -> dict[
     return weights
 
 
+PRETRAIN_ONLY = ("amc.", "mlm.", "itm.", "itc.", "prompt.")
+"""Parameters only pre-training uses (its heads and the prompt layer's blanks): the
+pre-training run may or may not have them (the contrastive baseline has no AMC head)."""
+
+
 def load_into(model: CMAL, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Load CMAL weights, or say which parameters do not fit."""
+    """Load CMAL weights, or say which parameters do not fit. Every encoder parameter
+    must be there; pre-training-only ones are taken where present."""
     own = model.state_dict()
-    missing = [k for k in own if k not in weights]
+    missing = [k for k in own if k not in weights and not k.startswith(PRETRAIN_ONLY)]
     wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
     if missing or wrong:
         what = f"{len(missing)} missing (e.g. {missing[:1]})" if missing else ""
         what += f" {len(wrong)} of another shape (e.g. {wrong[:1]})" if wrong else ""
         raise ConfigError(f"{source}: weights do not fit this model config: {what.strip()}")
-    model.load_state_dict({k: weights[k] for k in own})
+    model.load_state_dict({k: weights[k] for k in own if k in weights}, strict=False)
 
 
 def _task_info(cfg: Config, task: Task, world, folder: Path) -> dict[str, Any]:

@@ -106,14 +106,17 @@ def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool
         # Each rank draws its own masks and swaps; ranks differ, runs repeat.
         torch.manual_seed(cfg.seed * 1000 + world.rank)
     fdim = cfg.model.visual.feature_dim
-    dataset = open_dataset(cfg.data, feature_dim=fdim)
+    concepts = cfg.model.num_concepts
+    dataset = open_dataset(cfg.data, feature_dim=fdim, num_concepts=concepts)
     loader = make_loader(cfg.data, dataset, cfg.model.max_text_len, cfg.model.max_regions)
     if data_state:
         loader.load_state_dict(data_state)
     evaluate = None
     if cfg.engine.eval_every:
         val_cfg = dataclasses.replace(cfg.data, shuffle=False, local=None)
-        val_set = open_dataset(val_cfg, remote=cfg.data.val_remote, feature_dim=fdim)
+        val_set = open_dataset(
+            val_cfg, remote=cfg.data.val_remote, feature_dim=fdim, num_concepts=concepts
+        )
         val_loader = make_loader(val_cfg, val_set, cfg.model.max_text_len, cfg.model.max_regions)
 
         def evaluate():

@@ -52,14 +52,28 @@ class Workflow:
     runs_root: str = "runs"
 
 
-def load_workflow(path: str | Path, extra: list[str] | None = None) -> Workflow:
-    """Parse and check a workflow file (errors name the file, the stage and the field)."""
+def load_workflow(
+    path: str | Path,
+    extra: list[str] | None = None,
+    quick: bool = False,
+    arms: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> Workflow:
+    """Parse and check a workflow file (errors name the file, the stage and the field);
+    a ``study:`` is expanded into its stages (``quick``: its reduced variant)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"workflow file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
+    if isinstance(data, dict) and "study" in data and "stages" not in data:
+        from cmal.study import expand
+
+        name = data.get("name") or path.stem
+        data["stages"] = expand(name, data.pop("study"), path, quick, arms, seeds)
+    elif quick or arms or seeds is not None:
+        raise ConfigError(f"{path}: --quick/--arms/--seeds apply to a study; this has none")
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
-        raise ConfigError(f"{path}: expected a mapping with a 'stages' list")
+        raise ConfigError(f"{path}: expected a mapping with a 'stages' list (or a 'study')")
     unknown = set(data) - {"name", "stages", "overrides", "runs"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}")
@@ -126,6 +140,9 @@ class Runner:
         if kind == "world":
             inputs = {k: st.get(k) for k in ("out", "images", "seed")}
             inputs["attribute_tags"] = bool(st.get("attribute_tags", True))
+            from cmal.data.world import VERSION
+
+            inputs["version"] = VERSION  # a new generator makes a new world
             return _digest(inputs), inputs
         if kind == "pretrain":
             cfg = self.config(st, [])

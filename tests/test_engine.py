@@ -26,7 +26,7 @@ def write_config(tmp_path, world, name="run", data_endpoint=None, **extra) -> st
         "base": str(ROOT / "configs/model/tiny.yaml"),
         "name": name,
         "model": {
-            "num_concepts": 6,
+            "num_concepts": 48,
             "visual": {"feature_dim": 128},
             "max_text_len": 32,
             "max_regions": 8,

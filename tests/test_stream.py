@@ -13,7 +13,7 @@ from conftest import ROOT, _free_port, start_moto
 from streaming import StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
-from cmal.config import load_config
+from cmal.config import ConfigError, load_config
 from cmal.data.errors import DataError
 from cmal.data.stream import make_loader, open_dataset
 
@@ -171,6 +171,17 @@ def test_bad_sample_is_named_or_skipped(tmp_path):
     )
     batches = list(make_loader(data, open_dataset(data, feature_dim=128), 40, 36))
     assert sum(b["skipped"] for b in batches) == 1 and sum(len(b["ids"]) for b in batches) == 2
+    # Concept ids beyond model.num_concepts: shards and config disagree, never skipped.
+    with MDSWriter(out=str(tmp_path / "wide"), columns=columns("pretrain"), hashes=["sha1"]) as w:
+        w.write({**good, "anchors": [[2, 0, 3]]})
+    wide = cfg_for(
+        str(tmp_path / "wide"), tmp_path / "c3", "data.workers=0", "data.on_bad_sample=skip"
+    )
+    assert open_dataset(wide, feature_dim=128, num_concepts=4)[0]["id"] == "ok"
+    with pytest.raises(
+        ConfigError, match=r"model.num_concepts is 3 but sample 'ok' has concept id 3"
+    ):
+        open_dataset(wide, feature_dim=128, num_concepts=3)[0]
 
 
 def test_reconverted_source_is_never_read_stale(world, tmp_path):

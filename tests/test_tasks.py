@@ -199,7 +199,7 @@ def _write_chain(tmp_path, world):
         "base": str(ROOT / "configs/model/tiny.yaml"),
         "name": "t-pre",
         "model": {
-            "num_concepts": 6,
+            "num_concepts": 48,
             "visual": {"feature_dim": 128},
             "max_text_len": 32,
             "max_regions": 8,

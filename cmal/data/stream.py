@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmal.config import DataConfig
+from cmal.config import ConfigError, DataConfig
 from cmal.data.errors import DataError
 from cmal.model.cmal import Batch
 from cmal.model.prompt import Anchors
@@ -125,9 +125,14 @@ def _shard_error(remote: str, e: Exception) -> Exception:
 
 
 def open_dataset(
-    cfg: DataConfig, remote: str | None = None, feature_dim: int | None = None, **kw: Any
+    cfg: DataConfig,
+    remote: str | None = None,
+    feature_dim: int | None = None,
+    num_concepts: int | None = None,
+    **kw: Any,
 ):
-    """A StreamingDataset over ``remote`` (default ``cfg.remote``) returning decoded samples."""
+    """A StreamingDataset over ``remote`` (default ``cfg.remote``) returning decoded samples
+    (checked against the model's ``feature_dim`` and, for pre-training, ``num_concepts``)."""
     from streaming import StreamingDataset
 
     remote = remote or cfg.remote
@@ -161,7 +166,7 @@ def open_dataset(
                 raise
             except Exception as e:
                 raise _shard_error(remote, e) from None
-            return decode(raw, cfg, feature_dim)
+            return decode(raw, cfg, feature_dim, num_concepts)
 
     try:
         return Decoded(
@@ -181,8 +186,12 @@ def open_dataset(
         raise _explain(remote, e) from None
 
 
-def decode(raw: dict[str, Any], cfg: DataConfig, feature_dim: int | None) -> dict[str, Any] | None:
+def decode(
+    raw: dict[str, Any], cfg: DataConfig, feature_dim: int | None, num_concepts: int | None = None
+) -> dict[str, Any] | None:
     """Check one sample; None (skip) or a DataError naming it when it is bad."""
+    if num_concepts is not None:
+        _check_concepts(raw, num_concepts)
     try:
         for suffix in ("", "2") if "image2" in raw else ("",):
             _check_image(raw, suffix, feature_dim)
@@ -207,6 +216,17 @@ def _check_image(raw: dict[str, Any], suffix: str, feature_dim: int | None) -> N
     for t, i, _ in raw[f"anchors{suffix}"]:
         if not (0 <= i < r and 0 <= t < len(raw["input_ids"])):
             raise DataError(f"anchors{suffix}: pair ({t}, {i}) outside the text or the regions")
+
+
+def _check_concepts(raw: dict[str, Any], num_concepts: int) -> None:
+    """Concept ids beyond the model's AMC classes mean shards and config disagree: that is
+    no bad sample to skip, but a config error."""
+    top = max([c for _, _, c in raw["anchors"]] + [int(raw["concepts"].max(initial=-1))])
+    if top >= num_concepts:
+        raise ConfigError(
+            f"model.num_concepts is {num_concepts} but sample {raw.get('id')!r} has concept id "
+            f"{top}: set it to the anchor vocabulary the shards were made with"
+        )
 
 
 @dataclass

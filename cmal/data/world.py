@@ -49,6 +49,13 @@ from cmal.data.scene import (
 )
 
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
+VERSION = 2
+"""Bumped whenever the same seed would give different files (a workflow's world stage
+is redone when it changes). 2: colour attributes per region; 300 NLVR2 pairs per
+evaluation split at 2,000 images."""
+NLVR2_EVAL = 0.3
+"""NLVR2 pairs in dev and in test1, each, per image of the world (0.1 per image before
+version 2 gave 100 statements per split at 2,000 images: too few to tell models apart)."""
 VQA_PER_IMAGE = 3
 CAPTIONS_PER_IMAGE = 2
 
@@ -58,7 +65,8 @@ class WorldConfig:
     """How big and how noisy the world is."""
 
     images: int = 2000
-    """Number of scene images (NLVR2 renders its own pairs on top: images / 2 pairs)."""
+    """Number of scene images (NLVR2 renders its own pairs on top: 0.4 per image for
+    training, 0.15 per image for each of dev and test1)."""
     seed: int = 0
     """Seed of the whole world."""
     feature_dim: int = 128
@@ -110,11 +118,14 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
         (out / sub).mkdir(parents=True, exist_ok=True)
     if cfg.images < MIN_IMAGES:
         raise ValueError(f"the scene world needs at least {MIN_IMAGES} images, got {cfg.images}")
-    n, pairs = cfg.images, max(cfg.images // 2, 20)
+    n = cfg.images
+    train_pairs = round(n // 2 * SPLITS["train"])
+    held = max(2, round(n * NLVR2_EVAL / 2))
+    pairs = train_pairs + 2 * held
     jobs = [(str(i), i, out, cfg) for i in range(n)]
     nlvr_keys = []
     for p in range(pairs):
-        split = {"train": "train", "val": "dev", "test": "test1"}[_split_of(p, pairs)]
+        split = "train" if p < train_pairs else "dev" if p < train_pairs + held else "test1"
         for side in (0, 1):
             key = f"{split}-{p}-0-img{side}"
             nlvr_keys.append(key)
@@ -141,6 +152,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     # The rate stays out of world.json, so a seed gives byte-identical files.
     stable = {k: v for k, v in counts.items() if k != "images_per_s"}
     meta = {
+        "version": VERSION,
         "seed": cfg.seed,
         "feature_dim": cfg.feature_dim,
         "noise": asdict(cfg.noise),

@@ -54,7 +54,11 @@ def load_weights(model_json: Path) -> dict[str, torch.Tensor]:
     manifest = json.loads(model_json.read_text())["weightsManifest"]
     weights: dict[str, torch.Tensor] = {}
     for group in manifest:
-        blob = b"".join((model_json.parent / p).read_bytes() for p in group["paths"])
+        files = [model_json.parent / p for p in group["paths"]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DataError(f"{model_json}: weight file(s) not found: {', '.join(missing)}")
+        blob = b"".join(f.read_bytes() for f in files)
         offset = 0
         for w in group["weights"]:
             shape, q = w["shape"], w.get("quantization")

@@ -19,6 +19,13 @@ from cmal.data.convert import (
 from cmal.data.features import FeatureSource
 from cmal.model.anchors import ConceptVocab
 
+FRACTIONS = (25, 50)
+"""Percentages of the pre-training images kept in the subsets ``pretrain/train_<pct>``."""
+
+
+def _image_order(key: str) -> tuple[int, str]:
+    return (int(key), key) if key.isdigit() else (1 << 62, key)
+
 
 def convert_world(
     world: str | Path,
@@ -28,7 +35,9 @@ def convert_world(
     max_regions: int = 36,
     attribute_tags: bool = True,
 ) -> dict[str, Converted]:
-    """Shards under ``out/<set>/<split>`` for pretrain, vqa, ve, nlvr2, rec_gt, rec_det.
+    """Shards under ``out/<set>/<split>`` for pretrain, vqa, ve, nlvr2, rec_gt, rec_det,
+    and ``pretrain/train_25`` / ``train_50``: the captions of the first 25% / 50% of the
+    training images (nested subsets, for the less-data study of ``workflows/claim.yaml``).
 
     ``attribute_tags``: tag each region "<colour> <shape>" (48 anchor concepts), so an
     anchor binds a colour to a shape; False keeps the bare shape tags (6 concepts)."""
@@ -47,10 +56,16 @@ def convert_world(
         )
 
     det, gt = builder("det"), builder("gt")
+    train_caps = w / "coco/captions_train.json"
     jobs = {
-        "pretrain/train": ("pretrain", det, coco.records(w / "coco/captions_train.json")),
+        "pretrain/train": ("pretrain", det, coco.records(train_caps)),
         "pretrain/val": ("pretrain", det, coco.records(w / "coco/captions_val.json")),
     }
+    images = sorted({r.image for r in coco.records(train_caps)}, key=_image_order)
+    for pct in FRACTIONS:
+        first = set(images[: max(1, len(images) * pct // 100)])
+        subset = (r for r in coco.records(train_caps) if r.image in first)
+        jobs[f"pretrain/train_{pct}"] = ("pretrain", det, subset)
     for s in ("train", "val", "test"):
         q = w / f"vqa/v2_OpenEnded_mscoco_{s}_questions.json"
         jobs[f"vqa/{s}"] = ("vqa", det, vqa.records(q, w / f"vqa/v2_mscoco_{s}_annotations.json"))

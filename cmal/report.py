@@ -1,0 +1,121 @@
+"""``cmal report RUNS...``: a study's fine-tuned runs as tables (mean ± std over seeds)
+and a plot of each task's metric against the pre-training data fraction.
+
+A run is grouped by its name, ``<study>-<arm>-s<seed>-<task>`` (what ``cmal/study.py``
+names them); its numbers are its ``metrics.json``. For the plot, arms named ``cmal``,
+``cmal-<pct>``, ``contrastive`` and ``contrastive-<pct>`` are the two methods at 100% and
+<pct>% of the pre-training pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmal.config import ConfigError
+
+NAME = re.compile(r"^(?P<study>[^-]+)-(?P<arm>.+)-s(?P<seed>\d+)-(?P<task>vqa|ve|nlvr2|rec)$")
+METHOD = re.compile(r"^(?P<method>cmal|contrastive)(?:-(?P<pct>\d+))?$")
+TASK_ORDER = ("vqa", "ve", "nlvr2", "rec")
+
+
+@dataclass
+class Result:
+    arm: str
+    seed: int
+    task: str
+    metrics: dict[str, float]
+    """split -> accuracy in %."""
+
+
+def collect(paths: list[Path]) -> list[Result]:
+    """Every fine-tuned run among ``paths`` (run folders; others are ignored)."""
+    out = []
+    for path in paths:
+        m = NAME.match(path.name)
+        metrics = path / "metrics.json"
+        if not m or not metrics.is_file():
+            continue
+        try:
+            data = json.loads(metrics.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{metrics}: not valid JSON ({e})") from None
+        acc = {split: 100 * v["accuracy"] for split, v in data.items() if "accuracy" in v}
+        out.append(Result(m["arm"], int(m["seed"]), m["task"], acc))
+    if not out:
+        raise ConfigError(
+            "no evaluated runs named <study>-<arm>-s<seed>-<task> with a metrics.json among "
+            f"{len(paths)} path(s)"
+        )
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def tables(results: list[Result]) -> str:
+    """One Markdown table per task: arms × splits, mean ± std over seeds (n = seeds)."""
+    by = defaultdict(lambda: defaultdict(list))
+    seeds = defaultdict(set)
+    for r in results:
+        for split, v in r.metrics.items():
+            by[(r.task, r.arm)][split].append(v)
+        seeds[(r.task, r.arm)].add(r.seed)
+    arms = list(dict.fromkeys(r.arm for r in results))
+    lines = []
+    for task in [t for t in TASK_ORDER if any(r.task == t for r in results)]:
+        splits = list(dict.fromkeys(s for r in results if r.task == task for s in r.metrics))
+        lines += [f"### {task}", "", "| arm | seeds | " + " | ".join(splits) + " |"]
+        lines.append("|---|---|" + "---|" * len(splits))
+        for arm in arms:
+            if (task, arm) not in by:
+                continue
+            cells = [_cell(by[(task, arm)][s]) if by[(task, arm)][s] else "–" for s in splits]
+            lines.append(f"| {arm} | {len(seeds[(task, arm)])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], out: Path) -> Path | None:
+    """Each task's mean accuracy (over its splits and seeds) against the pre-training data
+    fraction, for CMAL and the contrastive baseline; None when no arm is such."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = defaultdict(lambda: defaultdict(list))  # (task, method) -> pct -> values
+    for r in results:
+        m = METHOD.match(r.arm)
+        if m and r.metrics:
+            pct = int(m["pct"] or 100)
+            points[(r.task, m["method"])][pct].append(statistics.mean(r.metrics.values()))
+    if not points:
+        return None
+    tasks = [t for t in TASK_ORDER if any(k[0] == t for k in points)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for method, style in (("cmal", "o-"), ("contrastive", "s--")):
+            series = points.get((task, method))
+            if not series:
+                continue
+            xs = sorted(series)
+            means = [statistics.mean(series[x]) for x in xs]
+            errs = [statistics.stdev(series[x]) if len(series[x]) > 1 else 0 for x in xs]
+            ax.errorbar(xs, means, yerr=errs, fmt=style, capsize=3, label=method)
+        ax.set_title(task)
+        ax.set_xlabel("pre-training pairs (%)")
+        ax.set_ylabel("accuracy (%), mean of splits")
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,105 @@
+"""The claim study: its expansion into stages, the report, and (slow) its quick variant
+run end to end with the figures drawn from the runs it made."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from cmal.config import ConfigError
+from cmal.report import collect, plot, tables
+from cmal.workflow import load_workflow
+
+
+def test_claim_study_expands_into_arms_seeds_and_tasks():
+    wf = load_workflow(ROOT / "workflows/claim.yaml")
+    pre = [s for s in wf.stages if s["kind"] == "pretrain"]
+    fts = [s for s in wf.stages if s["kind"] == "finetune"]
+    assert wf.stages[0]["kind"] == "world"
+    # cmal and contrastive x 3 seeds, 8 single-seed pre-trained arms, and scratch (no pre-training)
+    assert len(pre) == 14 and len(fts) == 15 * 4
+    names = {s["overrides"][-3] for s in pre}
+    assert {"name=claim-cmal-s2", "name=claim-contrastive-s1", "name=claim-cmal-25-s0"} <= names
+    scratch = [s for s in fts if "name=claim-scratch-s0-vqa" in s["overrides"]]
+    assert scratch and scratch[0]["from"] == "none"
+    contrastive = next(s for s in pre if "name=claim-contrastive-s0" in s["overrides"])
+    assert contrastive["config"] == "configs/pretrain/world-contrastive.yaml"
+    part = load_workflow(ROOT / "workflows/claim.yaml", arms=["cmal", "scratch"], seeds=[0])
+    tasks = ("vqa", "ve", "nlvr2", "rec")
+    assert [s["name"] for s in part.stages if s["kind"] == "evaluate"] == [
+        f"evaluate-claim-{arm}-s0-{t}" for arm in ("cmal", "scratch") for t in tasks
+    ]
+    with pytest.raises(ConfigError, match=r"--arms: \['nope'\] are not arms"):
+        load_workflow(ROOT / "workflows/claim.yaml", arms=["nope"])
+    quick = load_workflow(ROOT / "workflows/claim.yaml", quick=True)
+    assert quick.stages[0]["out"] == "data/world-quick"
+    assert {s["overrides"][-3] for s in quick.stages if s["kind"] == "pretrain"} == {
+        "name=claim-cmal-s0", "name=claim-contrastive-s0"}  # fmt: skip
+
+
+def test_bad_study_is_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"study": {"arms": {"a": {"cofig": "x.yaml"}}}}))
+    with pytest.raises(ConfigError, match=r"s\.yaml: study: arms: a: expected a mapping of"):
+        load_workflow(path)
+    path.write_text(yaml.safe_dump({"study": {"arms": {"a": {"config": "x"}}}}))
+    with pytest.raises(ConfigError, match="--quick needs a 'quick' mapping"):
+        load_workflow(path, quick=True)
+    path.write_text(yaml.safe_dump({"stages": []}))
+    with pytest.raises(ConfigError, match="--quick/--arms/--seeds apply to a study"):
+        load_workflow(path, quick=True)
+
+
+def _metrics(folder, **splits):
+    folder.mkdir(parents=True)
+    data = {k: {"accuracy": v, "n": 10.0} for k, v in splits.items()}
+    (folder / "metrics.json").write_text(json.dumps(data))
+
+
+def test_report_means_and_stds_over_seeds_and_the_fraction_plot(tmp_path):
+    _metrics(tmp_path / "claim-cmal-s0-vqa", val=0.50, test=0.40)
+    _metrics(tmp_path / "claim-cmal-s1-vqa", val=0.60, test=0.44)
+    _metrics(tmp_path / "claim-cmal-25-s0-vqa", val=0.30, test=0.20)
+    _metrics(tmp_path / "claim-contrastive-s0-vqa", val=0.45, test=0.35)
+    (tmp_path / "not-a-run").mkdir()
+    results = collect(sorted(tmp_path.iterdir()))
+    text = tables(results)
+    sd = statistics.stdev([50.0, 60.0])
+    assert f"| cmal | 2 | 55.0 ± {sd:.1f} | 42.0 ± {statistics.stdev([40.0, 44.0]):.1f} |" in text
+    assert "| cmal-25 | 1 | 30.0 | 20.0 |" in text and "| contrastive | 1 | 45.0 | 35.0 |" in text
+    png = plot(results, tmp_path / "fig" / "fraction.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="no evaluated runs"):
+        collect([tmp_path / "not-a-run"])
+
+
+@pytest.mark.slow
+def test_quick_study_runs_reports_and_draws(tmp_path):
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "workflows").symlink_to(ROOT / "workflows")
+
+    def cmal(*args):
+        res = subprocess.run([sys.executable, "-m", "cmal.cli", *args], cwd=tmp_path,
+                             capture_output=True, text=True)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    cmal("run", "workflows/claim.yaml", "--quick")
+    runs = tmp_path / "runs"
+    report = cmal(
+        "report", *map(str, sorted(runs.glob("claim-*"))), "--plot", str(tmp_path / "p.png")
+    )
+    for arm in ("cmal", "contrastive", "scratch"):
+        assert f"| {arm} | 1 |" in report
+    assert (tmp_path / "p.png").is_file()
+    out = cmal("visualize", str(runs / "claim-cmal-s0"), str(runs / "claim-contrastive-s0"),
+               "--out", str(tmp_path / "figs"), "--n", "32")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
+        "amc_confusion.png", "attention.png", "tsne.png"]  # fmt: skip
+    assert "wrote" in out
