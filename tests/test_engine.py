@@ -162,14 +162,18 @@ def test_resume_on_another_world_size(world, tmp_path):
     # first resumed step whose batch had MLM sites, for the same reason as above.
     mlm = losses(run, "mlm")
     resumed = next(after[s] for s in range(stop + 1, stop + 6) if mlm[s] > 0)
-    assert resumed < 0.8 * first, (first, resumed)
+    # The run learned (48 anchor concepts: AMC starts at ln 48), and the resumed weights
+    # keep most of it: a resume from fresh weights would be back near ``first``.
+    learned = first - last_before
+    assert learned > 0.1 * first, (first, last_before)
+    assert resumed < first - 0.5 * learned, (first, last_before, resumed)
     assert abs(resumed - last_before) < 0.25 * last_before, (last_before, resumed)
     # and back: 1 rank -> 2 ranks, from the end of the 1-rank leg
     cfg2 = write_config(tmp_path, world, name="ws", engine={"steps": 75, "zero_stage": 2})
     assert finish(launch(cfg2, 2, "--force")) == [0, 0]  # steps changed: the schedule did
     final = losses(run)
     again = statistics.median(final[s] for s in range(61, 66))
-    assert again < 0.8 * first, (first, again)
+    assert again < first - 0.5 * learned, (first, learned, again)
 
 
 def test_sigkill_during_saves_never_leaves_a_bad_latest(world, tmp_path):
@@ -300,13 +304,21 @@ def test_run_folder_on_s3_resumes_on_a_fresh_node_bitwise(world, s3, tmp_path):
     assert got == want  # the whole log on the store, bitwise the uninterrupted run's
     assert store.newest_checkpoint() == f"step_{steps:08d}"
 
+    # A stale mirror of the same URL (an earlier run of that name on this node) is not
+    # trusted: its step folder is replaced by the store's.
+    from cmal.engine.store import mirror_of
+
+    tmp = tmp_path / "tmp"
+    stale = mirror_of("s3://cmal/runs/s3ref", str(tmp / "cmal-runs")) / "checkpoints"
+    (stale / f"step_{steps:08d}").mkdir(parents=True)
+    (stale / f"step_{steps:08d}" / "state.json").write_text('{"step": 0}')
     out = tmp_path / "s3.safetensors"
     res = subprocess.run(
         [sys.executable, "-m", "cmal.cli", "export", "s3://cmal/runs/s3ref", "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "S3_ENDPOINT_URL": s3},
+        env={**os.environ, "S3_ENDPOINT_URL": s3, "TMPDIR": str(tmp)},
     )
     assert res.returncode == 0, res.stderr
     from safetensors.torch import load_file

@@ -181,8 +181,8 @@ class Checkpointer:
             return None
         path = self.dir / choice[0]
         if self.store is not None:
-            if self.node_lead and not is_complete(path):
-                self.store.download_tree(f"checkpoints/{path.name}", path)
+            if self.node_lead:
+                self.store.fetch_checkpoint(path.name, path)
                 write_atomic(self.dir / LATEST, path.name + "\n")
             if dist.is_initialized() and self.world_size > 1:
                 dist.barrier()

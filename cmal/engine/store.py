@@ -152,6 +152,16 @@ class Store:
         local.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, local)
 
+    def fetch_checkpoint(self, name: str, local: Path) -> None:
+        """Make ``local`` the store's ``checkpoints/<name>``: kept if its state.json is the
+        store's, else downloaded afresh — a mirror left by an earlier run of the same name
+        (a deleted and restarted run, another test session) is never trusted."""
+        remote = self.read_text(f"checkpoints/{name}/{STATE}")
+        mine = local / STATE
+        if remote is not None and mine.is_file() and mine.read_text() == remote:
+            return
+        self.download_tree(f"checkpoints/{name}", local)
+
     def delete_tree(self, rel: str) -> None:
         keys = [self.key(f"{rel}/{k}") for k in self.keys(rel)]
         for i in range(0, len(keys), 1000):
@@ -207,8 +217,7 @@ def local_run(path: str | Path, endpoint: str | None = None) -> Path:
         store.client.download_file(store.bucket, store.key(name), str(local / name))
     newest = store.newest_checkpoint()
     if newest:
-        if not (local / "checkpoints" / newest / STATE).is_file():
-            store.download_tree(f"checkpoints/{newest}", local / "checkpoints" / newest)
+        store.fetch_checkpoint(newest, local / "checkpoints" / newest)
         from cmal.engine.checkpoint import write_atomic
 
         write_atomic(local / "checkpoints" / LATEST, newest + "\n")
