@@ -106,7 +106,8 @@ def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool
         # Each rank draws its own masks and swaps; ranks differ, runs repeat.
         torch.manual_seed(cfg.seed * 1000 + world.rank)
     fdim = cfg.model.visual.feature_dim
-    concepts = cfg.model.num_concepts
+    # Concept ids are AMC labels: pre-training checks them; fine-tuning never reads them.
+    concepts = cfg.model.num_concepts if cfg.task.name is None else None
     dataset = open_dataset(cfg.data, feature_dim=fdim, num_concepts=concepts)
     loader = make_loader(cfg.data, dataset, cfg.model.max_text_len, cfg.model.max_regions)
     if data_state:
