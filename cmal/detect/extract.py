@@ -122,12 +122,13 @@ def extract(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     every = sources(images, endpoint)
-    keys: dict[str, str] = {}
+    keys: dict[str, str] = {}  # key -> image name
     for name, _ in every:  # all ranks' images: two ranks must not write one file
         key = image_key(name, cfg.key)
         if key in keys:
             raise DataError(f"--images: {keys[key]} and {name} both give the key {key!r}")
         keys[key] = name
+    key_of = {name: key for key, name in keys.items()}
     todo = every[rank::world]
     summary = Summary()
     from tqdm import tqdm
@@ -138,7 +139,7 @@ def extract(
         total=len(todo), unit="img", file=sys.stderr, mininterval=2, disable=not progress
     ) as bar:
         for name, read in todo:
-            _one(detector, cfg, name, read, out / f"{image_key(name, cfg.key)}.npz", summary)
+            _one(detector, cfg, name, read, out / f"{key_of[name]}.npz", summary)
             bar.update(1)
     elapsed = time.perf_counter() - start
     summary.images_per_s = round(summary.done / elapsed, 2) if elapsed > 0 else 0.0
