@@ -136,8 +136,9 @@ class LossConfig:
     itm_weight: float = 1.0
     """Weight of L_ITM."""
     itm_neg_prob: float = 0.5
-    """Share of samples whose caption is replaced by another sample's (in place, one
-    forward pass); those samples carry no AMC and no MLM."""
+    """Share of samples whose caption is replaced by another sample's for ITM. ITM (and
+    ITC) read the captions unmasked, in a unified pass of their own; AMC and MLM read the
+    masked, prompt-filled pass of every sample."""
     itm_hard_negatives: bool = False
     """Take the in-batch caption whose image shares the most concepts, not a random one."""
     itc: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import random_batch, scene_batch, tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -228,3 +229,16 @@ def test_task_heads_shapes():
     scores = heads.RegionScoreHead(d)(regions, batch.region_mask)
     assert scores.shape == (3, 5)
     assert scores.softmax(-1)[2, -2:].sum() < 1e-6  # padded regions are never chosen
+
+
+def test_itm_reads_the_captions_unmasked():
+    # ITM's positives must look like fine-tuning's inputs: no [MASK] tokens, no swapped
+    # features, which only positives would carry (a label leak) if ITM shared the masked pass.
+    torch.manual_seed(0)
+    cfg = tiny_config("model.losses.itm_neg_prob=0.0", "model.prompt.p_swap=1.0").model
+    model = CMAL(cfg).eval()
+    batch = scene_batch(cfg, n=6)
+    with torch.no_grad():
+        itm = model.pretrain_losses(batch)["itm"]
+        clean = F.cross_entropy(model.itm(model(batch)[:, 0]), torch.ones(6, dtype=torch.long))
+    assert torch.allclose(itm, clean, atol=1e-6), (itm, clean)

@@ -122,45 +122,48 @@ class CMAL(nn.Module):
         n, lt = batch.input_ids.shape
         input_ids, text_mask, anchors = batch.input_ids, batch.text_mask, batch.anchors
 
-        # ITM negatives replace the caption in place, so one forward pass serves all losses.
+        # ITM sees the captions as they are, in a pass of its own (as UNITER and ALBEF do):
+        # were its negatives scored in the masked pass, the [MASK] tokens and swapped
+        # features that only positives carry would tell it the label.
         negative = torch.zeros(n, dtype=torch.bool, device=dev)
         if self.itm is not None and n > 1:
             negative = torch.rand(n, device=dev) < losses.itm_neg_prob
-            donor = self._negative_donors(batch)
-            input_ids = torch.where(negative[:, None], input_ids[donor], input_ids)
-            text_mask = torch.where(negative[:, None], text_mask[donor], text_mask)
-            anchors = Anchors(
-                anchors.text_pos,
-                anchors.region,
-                anchors.concept,
-                anchors.valid & ~negative[:, None],
-            )
 
         mlm_sites = torch.zeros_like(text_mask)
         if self.mlm is not None:
-            input_ids, mlm_sites = self._mask_tokens(input_ids, text_mask, anchors, negative)
+            input_ids, mlm_sites = self._mask_tokens(input_ids, text_mask, anchors)
 
         t, v = self.spheres(
             input_ids, text_mask, batch.region_feats, batch.boxes, batch.region_mask
         )
-        out: dict[str, torch.Tensor] = {}
-        if self.itc is not None:
-            keep = ~negative
-            pooled = _masked_mean(v[keep], batch.region_mask[keep])
-            out["itc"] = self.itc(t[keep, 0], pooled) if keep.sum() > 1 else t.sum() * 0.0
-
-        pointer = losses.amc_labels == "pointer" and self.amc is not None
-        prompt = self.prompt(t, v, anchors, noise=losses.pointer_noise if pointer else 0.0)
         boxes = batch.boxes.to(t.dtype)
-        hidden = self.unified(prompt.text, prompt.regions, text_mask, batch.region_mask, boxes)
-        ht, hr = hidden[:, :lt], hidden[:, lt:]
+        out: dict[str, torch.Tensor] = {}
 
-        if self.amc is not None:
-            out["amc"] = self._amc_loss(ht, hr, text_mask, batch.region_mask, anchors, prompt)
-        if self.mlm is not None:
-            out["mlm"] = _ce(self.mlm(ht[mlm_sites]), batch.input_ids[mlm_sites])
-        if self.itm is not None:
-            out["itm"] = _ce(self.itm(hidden[:, 0]), (~negative).long())
+        if self.amc is not None or self.mlm is not None:
+            pointer = losses.amc_labels == "pointer" and self.amc is not None
+            prompt = self.prompt(t, v, anchors, noise=losses.pointer_noise if pointer else 0.0)
+            hidden = self.unified(prompt.text, prompt.regions, text_mask, batch.region_mask, boxes)
+            ht, hr = hidden[:, :lt], hidden[:, lt:]
+            if self.amc is not None:
+                out["amc"] = self._amc_loss(ht, hr, text_mask, batch.region_mask, anchors, prompt)
+            if self.mlm is not None:
+                out["mlm"] = _ce(self.mlm(ht[mlm_sites]), batch.input_ids[mlm_sites])
+
+        if self.itm is not None or self.itc is not None:
+            # Unmasked captions: the text encoder is uni-modal, so a negative's borrowed
+            # caption is the donor's row of the same encoding.
+            clean = t
+            if self.mlm is not None:
+                clean = self.text_sphere(self.text(batch.input_ids, text_mask))
+            if self.itc is not None:
+                pooled = _masked_mean(v, batch.region_mask)
+                out["itc"] = self.itc(clean[:, 0], pooled) if n > 1 else t.sum() * 0.0
+            if self.itm is not None:
+                donor = self._negative_donors(batch)
+                pair_t = torch.where(negative[:, None, None], clean[donor], clean)
+                pair_mask = torch.where(negative[:, None], text_mask[donor], text_mask)
+                pair = self.unified(pair_t, v, pair_mask, batch.region_mask, boxes)
+                out["itm"] = _ce(self.itm(pair[:, 0]), (~negative).long())
         weights = {
             "amc": losses.amc_weight,
             "mlm": losses.mlm_weight,
@@ -186,15 +189,15 @@ class CMAL(nn.Module):
         overlap.fill_diagonal_(-1.0)
         return overlap.argmax(1)
 
-    def _mask_tokens(self, ids, text_mask, anchors: Anchors, negative):
-        """BERT masking of ``mlm_prob`` of the non-anchor, non-special tokens of positives."""
+    def _mask_tokens(self, ids, text_mask, anchors: Anchors):
+        """BERT masking of ``mlm_prob`` of the non-anchor, non-special tokens."""
         special = torch.zeros_like(text_mask)
         for sid in SPECIAL_TOKEN_IDS:
             special |= ids == sid
         is_anchor = torch.zeros_like(text_mask)
         b, a = anchors.valid.nonzero(as_tuple=True)
         is_anchor[b, anchors.text_pos[b, a]] = True
-        eligible = text_mask & ~special & ~is_anchor & ~negative[:, None]
+        eligible = text_mask & ~special & ~is_anchor
         sites = eligible & (torch.rand(ids.shape, device=ids.device) < self.cfg.losses.mlm_prob)
         r = torch.rand(ids.shape, device=ids.device)
         noise = torch.randint_like(ids, self.cfg.text.vocab_size)
@@ -230,9 +233,10 @@ class CMAL(nn.Module):
         """Analytic matmul FLOPs of one sample of a pre-training step at padded shapes.
 
         Defaults: ``max_text_len``, ``max_regions``, ``mlm_prob`` of the text, and one
-        anchor pair in three swapped. ``train`` counts forward + backward: 3x forward,
-        minus the input-gradient half of the layers whose inputs need none (detector
-        features and boxes enter through them).
+        anchor pair in three swapped. The masked pass (AMC, MLM) and the unmasked one
+        (ITM, ITC) are counted each where its losses are on. ``train`` counts forward +
+        backward: 3x forward, minus the input-gradient half of the layers whose inputs need
+        none (detector features and boxes enter through them).
         """
         cfg = self.cfg
         lt = cfg.max_text_len if text_len is None else text_len
@@ -246,7 +250,12 @@ class CMAL(nn.Module):
         fwd += matmul_flops(tx.layers, tx.hidden, tx.ff, lt)
         fwd += matmul_flops(vi.layers, vi.hidden, vi.ff, r)
         fwd += 2 * (lt * tx.hidden + r * vi.hidden) * d  # hypersphere projections
-        fwd += matmul_flops(un.layers, d, un.ff, lt + r)
+        unified = matmul_flops(un.layers, d, un.ff, lt + r)
+        masked_pass = self.amc is not None or self.mlm is not None
+        pair_pass = self.itm is not None or self.itc is not None
+        fwd += unified * (masked_pass + (self.itm is not None))
+        if self.mlm is not None and pair_pass:  # the unmasked captions, once more
+            fwd += matmul_flops(tx.layers, tx.hidden, tx.ff, lt) + 2 * lt * tx.hidden * d
         if self.mlm is not None:
             fwd += mlm_sites * 2 * (d * d + d * tx.vocab_size)
         if self.itm is not None:
