@@ -249,6 +249,10 @@ class EngineConfig:
     """Validation losses every this many steps (0: never); needs ``data.val_remote``."""
     eval_batches: int = 20
     """Batches of each validation."""
+    compile: bool = False
+    """torch.compile the training module (inductor, dynamic shapes: each batch is padded to
+    its own longest text). Costs compile time at the start; see bench/NOTES.md for where
+    it pays."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: stop with an error naming the step and the term (keeping the last
     good checkpoint), or skip that step on every rank."""
@@ -346,6 +350,11 @@ class TaskConfig:
     """Splits evaluated after fine-tuning; empty: the task's own (e.g. val and test)."""
     answers: int = 3129
     """VQA: size of the answer vocabulary (most frequent normalised training answers)."""
+    pool: Literal["cls", "cls+max"] = "cls"
+    """What the VQA, SNLI-VE and NLVR2 heads read: ``cls``, the unified [CLS] (UNITER's
+    protocol, the method's); ``cls+max``, [CLS] beside the element-wise max over the
+    region outputs, so that "is there a region like the text says" reaches the head without
+    [CLS]'s attention having to learn to gather it. REC reads every region either way."""
     vqa_loss: Literal["bce", "softmax"] = "bce"
     """VQA: ``bce`` on the soft scores, summed over answers (UNITER/LXMERT), or ``softmax``:
     cross-entropy against the soft scores normalised to a distribution (MMF's option)."""

@@ -84,7 +84,7 @@ def _task_info(cfg: Config, task: Task, world, folder: Path) -> dict[str, Any]:
         else:
             data = dataclasses.replace(cfg.data, shuffle=False, local=None)
             info = task.prepare(open_dataset(data, feature_dim=cfg.model.visual.feature_dim), cfg)
-            box[0] = {"task": task.name, **info}
+            box[0] = {"task": task.name, "pool": cfg.task.pool, **info}
             path.write_text(json.dumps(box[0]))
     if world.size > 1:
         dist.broadcast_object_list(box, src=0)

@@ -242,3 +242,23 @@ def test_itm_reads_the_captions_unmasked():
         itm = model.pretrain_losses(batch)["itm"]
         clean = F.cross_entropy(model.itm(model(batch)[:, 0]), torch.ones(6, dtype=torch.long))
     assert torch.allclose(itm, clean, atol=1e-6), (itm, clean)
+
+
+def test_pooled_read_out_ignores_padded_regions():
+    from cmal.tasks import read_out, read_width
+
+    cfg = tiny_config().model
+    model = CMAL(cfg).eval()
+    batch = random_batch(cfg, n=3, text_len=10, regions=5)
+    batch.region_mask[0, 3:] = False
+    hidden = model(batch)
+    cls_only = read_out(model, batch, {"pool": "cls"})
+    pooled = read_out(model, batch, {"pool": "cls+max"})
+    d = cfg.unified.hidden
+    assert torch.equal(cls_only, hidden[:, 0]) and read_width(d, {}) == d
+    assert pooled.shape == (3, read_width(d, {"pool": "cls+max"})) == (3, 2 * d)
+    assert torch.equal(pooled[0, d:], hidden[0, 10:13].amax(0))  # regions 3, 4 are padding
+    assert torch.equal(pooled[1, d:], hidden[1, 10:].amax(0))
+    for head in (heads.VQAHead(d, 7, 2 * d), heads.EntailmentHead(d, 2 * d)):
+        assert head(pooled).shape[0] == 3
+    assert heads.PairReasoningHead(d, 2 * d)(pooled, pooled).shape == (3, 2)

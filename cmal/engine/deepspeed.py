@@ -131,6 +131,8 @@ def build_engine(module: nn.Module, cfg: Config, world: World):
 
     o = cfg.optim
     module.to(world.device)
+    if cfg.engine.compile:
+        module.compile(dynamic=True)  # in place: parameter names (checkpoints) unchanged
     fused = world.device.type == "cuda"
     optimizer = torch.optim.AdamW(
         param_groups(module, o.weight_decay),

@@ -100,11 +100,12 @@ class ContrastiveHead(nn.Module):
 
 
 class VQAHead(nn.Module):
-    """VQA v2: [CLS] -> 2-layer MLP -> answer-vocabulary logits (trained with BCE)."""
+    """VQA v2: [CLS] -> 2-layer MLP -> answer-vocabulary logits (trained with BCE).
+    ``in_dim``: width of what it reads (``hidden`` for [CLS] alone; see ``task.pool``)."""
 
-    def __init__(self, hidden: int, num_answers: int):
+    def __init__(self, hidden: int, num_answers: int, in_dim: int | None = None):
         super().__init__()
-        self.net = mlp(hidden, 2 * hidden, num_answers)
+        self.net = mlp(in_dim or hidden, 2 * hidden, num_answers)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
         return self.net(cls)
@@ -113,9 +114,9 @@ class VQAHead(nn.Module):
 class EntailmentHead(nn.Module):
     """SNLI-VE: [CLS] -> entailment / neutral / contradiction."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, in_dim: int | None = None):
         super().__init__()
-        self.net = mlp(hidden, 2 * hidden, 3)
+        self.net = mlp(in_dim or hidden, 2 * hidden, 3)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
         return self.net(cls)
@@ -124,9 +125,9 @@ class EntailmentHead(nn.Module):
 class PairReasoningHead(nn.Module):
     """NLVR2: [CLS] of (text, image 1) and of (text, image 2), concatenated -> 2-way."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, in_dim: int | None = None):
         super().__init__()
-        self.net = mlp(2 * hidden, 2 * hidden, 2)
+        self.net = mlp(2 * (in_dim or hidden), 2 * hidden, 2)
 
     def forward(self, cls1: torch.Tensor, cls2: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([cls1, cls2], dim=-1))

@@ -67,7 +67,10 @@ class AssociativePrompt(nn.Module):
 
     def choose(self, anchors: Anchors, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, A) bool: the pairs to swap this step; one pair per region at most."""
-        draw = torch.rand(anchors.valid.shape, generator=generator, device=anchors.valid.device)
+        if generator is None:  # rand_like: torch.compile traces it at symbolic shapes
+            draw = torch.rand_like(anchors.valid, dtype=torch.float)
+        else:
+            draw = torch.rand(anchors.valid.shape, generator=generator, device=anchors.valid.device)
         chosen = anchors.valid & (draw < self.cfg.p_swap)
         a = chosen.shape[1]
         same_region = anchors.region[:, :, None] == anchors.region[:, None, :]

@@ -19,6 +19,24 @@ from cmal.model.cmal import CMAL
 TASKS = ("vqa", "ve", "nlvr2", "rec")
 
 
+def read_out(model: CMAL, batch, info: dict[str, Any]) -> torch.Tensor:
+    """What a sentence-level head reads (``task.pool``, kept in the run's task.json):
+    ``cls``, the unified [CLS] state; ``cls+max``, [CLS] beside the element-wise max over
+    the real regions' states."""
+    hidden = model(batch)
+    cls = hidden[:, 0]
+    if info.get("pool", "cls") == "cls":
+        return cls
+    regions = hidden[:, batch.input_ids.shape[1] :]
+    regions = regions.masked_fill(~batch.region_mask[..., None], torch.finfo(regions.dtype).min)
+    return torch.cat([cls, regions.amax(1)], -1)
+
+
+def read_width(hidden: int, info: dict[str, Any]) -> int:
+    """Width of :func:`read_out`'s vector."""
+    return hidden * (2 if info.get("pool", "cls") == "cls+max" else 1)
+
+
 class Task:
     """A downstream task; the subclasses fill in the task-specific parts."""
 
@@ -39,9 +57,11 @@ class Task:
     def head(self, hidden: int, info: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 
-    def logits(self, model: CMAL, head: nn.Module, item: dict[str, Any]) -> torch.Tensor:
-        """Task logits of a collated item (the model's [CLS] by default)."""
-        return head(model(item["batch"])[:, 0])
+    def logits(
+        self, model: CMAL, head: nn.Module, item: dict[str, Any], info: dict[str, Any]
+    ) -> torch.Tensor:
+        """Task logits of a collated item (the model's [CLS] by default, ``task.pool``)."""
+        return head(read_out(model, item["batch"], info))
 
     def loss(
         self, logits: torch.Tensor, item: dict[str, Any], info: dict[str, Any]
@@ -73,7 +93,7 @@ class Objective(nn.Module):
         self.task, self.model, self.head, self.info = task, model, head, info
 
     def forward(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits = self.task.logits(self.model, self.head, item)
+        logits = self.task.logits(self.model, self.head, item, self.info)
         return {"loss": self.task.loss(logits, item, self.info)}
 
     def flops_per_row(self) -> float:
@@ -83,7 +103,8 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def predict(self, item: dict[str, Any]) -> list[dict]:
-        return self.task.predict(self.task.logits(self.model, self.head, item), item, self.info)
+        logits = self.task.logits(self.model, self.head, item, self.info)
+        return self.task.predict(logits, item, self.info)
 
 
 def get_task(name: str) -> Task:

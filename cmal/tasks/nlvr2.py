@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cmal.model.heads import PairReasoningHead
-from cmal.tasks import LabelTask
+from cmal.tasks import LabelTask, read_out, read_width
 
 
 class NLVR2(LabelTask):
@@ -20,10 +20,10 @@ class NLVR2(LabelTask):
         return [(split, f"nlvr2/{split}")]
 
     def head(self, hidden, info):
-        return PairReasoningHead(hidden)
+        return PairReasoningHead(hidden, read_width(hidden, info))
 
-    def logits(self, model, head, item) -> torch.Tensor:
-        return head(model(item["batch"])[:, 0], model(item["batch2"])[:, 0])
+    def logits(self, model, head, item, info) -> torch.Tensor:
+        return head(read_out(model, item["batch"], info), read_out(model, item["batch2"], info))
 
 
 TASK = NLVR2()

@@ -44,7 +44,7 @@ class ReferringExpressions(Task):
     def head(self, hidden, info):
         return RegionScoreHead(hidden)
 
-    def logits(self, model, head, item) -> torch.Tensor:
+    def logits(self, model, head, item, info) -> torch.Tensor:
         batch = item["batch"]
         hidden = model(batch)
         return head(hidden[:, batch.input_ids.shape[1] :], batch.region_mask)

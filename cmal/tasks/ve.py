@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cmal.data.schema import VE_LABELS
 from cmal.model.heads import EntailmentHead
-from cmal.tasks import LabelTask
+from cmal.tasks import LabelTask, read_width
 
 
 class VisualEntailment(LabelTask):
@@ -19,7 +19,7 @@ class VisualEntailment(LabelTask):
         return [(split, f"ve/{split}")]
 
     def head(self, hidden, info):
-        return EntailmentHead(hidden)
+        return EntailmentHead(hidden, read_width(hidden, info))
 
 
 TASK = VisualEntailment()

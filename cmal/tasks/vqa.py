@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from cmal.config import ConfigError
 from cmal.data.convert import load_json
 from cmal.model.heads import VQAHead
-from cmal.tasks import Task
+from cmal.tasks import Task, read_width
 from cmal.tasks.vqa_normalize import accuracy, normalize
 
 
@@ -37,7 +37,7 @@ class VQA(Task):
         return {"answers": answers, "loss": cfg.task.vqa_loss}
 
     def head(self, hidden: int, info: dict[str, Any]) -> torch.nn.Module:
-        return VQAHead(hidden, len(info["answers"]))
+        return VQAHead(hidden, len(info["answers"]), read_width(hidden, info))
 
     def loss(self, logits, item, info) -> torch.Tensor:
         index = {a: i for i, a in enumerate(info["answers"])}

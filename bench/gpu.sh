@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU benchmark as one prepared run (a few minutes on an H100/H200): the bf16 matmul
+# peak first, then bench/step.py at base size, batch 256 and 512, bf16; the table last.
+#   bash bench/gpu.sh [WHEELS=.whl] [override ...]     e.g. engine.compile=true
+# Where python3 lacks deepspeed / submitit / mosaicml-streaming (and nothing can be
+# fetched), it installs them from WHEELS, made beforehand on a CPU machine with
+# `bash bench/wheels.sh .whl`. The log is also written to $OUT/gpu.log when OUT is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+whl=${1:-.whl}
+shift || true
+log=${OUT:-/tmp}/gpu.log
+if ! python3 -c "import deepspeed, submitit, streaming" 2>/dev/null; then
+    if ! ls "$whl"/*.whl >/dev/null 2>&1; then
+        echo "deepspeed/submitit/streaming are missing and $whl holds no wheels:" \
+            "run 'bash bench/wheels.sh $whl' on a CPU machine and bring the folder" >&2
+        exit 2
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/cmal-site "$whl"/*.whl
+    export PYTHONPATH=/tmp/cmal-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
+set -o pipefail
+python3 bench/step.py --size base --batch 256,512 --steps 20 --warmup 5 --peak measure "$@" \
+    2>&1 | grep -v "real_accelerator\|^\[20" | tee "$log"
