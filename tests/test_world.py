@@ -56,6 +56,17 @@ def test_world_files_are_in_the_public_formats(world):
     nl = [json.loads(x) for x in (world / "nlvr2/train.json").read_text().splitlines()]
     labels = Counter(r["label"] for r in nl)
     assert labels["True"] > 0.3 * len(nl) and labels["False"] > 0.3 * len(nl)
+    # Several statements per image pair (NLVR2's split-set-pair-sentence identifiers), and
+    # each family (its words with the colour and shape taken out) as often true as false.
+    assert max(Counter((r["left_url"], r["right_url"]) for r in nl).values()) > 1
+    assert len({r["identifier"] for r in nl}) == len(nl)
+    vocab = {*COLOURS, *SHAPES, *map(language.plural, SHAPES), "a", "an", "left", "right"}
+    family = Counter(
+        (" ".join(w for w in r["sentence"].split() if w.strip(".") not in vocab), r["label"])
+        for r in nl
+    )
+    for (words, label), n in family.items():
+        assert family[(words, "True" if label == "False" else "False")] == n, words
     import pickle
 
     refs = pickle.loads((world / "refcoco+/refs(unc).p").read_bytes())

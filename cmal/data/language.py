@@ -162,31 +162,44 @@ def hypotheses(rng: np.random.Generator, objs: list[Obj]) -> list[tuple[str, str
     ]
 
 
-def statement(rng: np.random.Generator, left: list[Obj], right: list[Obj]) -> tuple[str, bool]:
-    """An NLVR2 statement about two images and whether it is true (true about half the time)."""
-    want = bool(rng.random() < 0.5)
-    for _ in range(20):
-        kind = int(rng.integers(3))
-        s = _pick(rng, SHAPES)
-        nl, nr = sum(o.shape == s for o in left), sum(o.shape == s for o in right)
-        if kind == 0:
-            text, truth = f"The left image contains more {plural(s)} than the right image.", nl > nr
-        elif kind == 1:
-            o = _pick(rng, left + right)
-            pair = (o.colour, o.shape)
-            in_l = pair in {(x.colour, x.shape) for x in left}
-            in_r = pair in {(x.colour, x.shape) for x in right}
-            text = f"Both images contain {article(o.colour)} {o.colour} {o.shape}."
-            truth = in_l and in_r
-        else:
-            n = nl + nr + int(rng.integers(-1, 2))
-            text, truth = (
-                f"There are exactly {NUMBERS[max(0, min(n, 6))]} {plural(s)} in total.",
-                nl + nr == max(0, min(n, 6)),
-            )
-        if truth == want:
-            return text, truth
-    return text, truth
+def statements(
+    rng: np.random.Generator, left: list[Obj], right: list[Obj]
+) -> list[tuple[str, str, bool]]:
+    """NLVR2 statements about an image pair, as (family, text, truth): for each family, one
+    true and one false statement where the pair has them. False ones are near misses (a
+    colour-shape pair in one image only, not in both; the count comparison reversed), so
+    one image or the words alone cannot tell; the world keeps as many false as true ones
+    per family (NLVR2 pairs each sentence with true and false image pairs)."""
+    lpairs = {(o.colour, o.shape) for o in left}
+    rpairs = {(o.colour, o.shape) for o in right}
+    nl, nr = Counter(o.shape for o in left), Counter(o.shape for o in right)
+    out: list[tuple[str, str, bool]] = []
+
+    def add(family: str, true: set, false: set, text) -> None:
+        for pool, truth in ((true, True), (false, False)):
+            if pool:
+                out.append((family, text(_pick(rng, sorted(pool))), truth))
+
+    def thing(cs: tuple[str, str]) -> str:
+        return f"{article(cs[0])} {cs[0]} {cs[1]}"
+
+    add("both", lpairs & rpairs, lpairs ^ rpairs, lambda cs: f"Both images contain {thing(cs)}.")
+    side, other, mine, theirs = ("left", "right", lpairs, rpairs)
+    if rng.random() < 0.5:
+        side, other, mine, theirs = ("right", "left", rpairs, lpairs)
+    add(
+        "only",
+        mine - theirs,
+        theirs - mine | (mine & theirs),
+        lambda cs: f"The {side} image contains {thing(cs)} and the {other} image does not.",
+    )
+    add(
+        "more",
+        {s for s in SHAPES if nl[s] > nr[s]},
+        {s for s in SHAPES if nl[s] < nr[s]},
+        lambda s: f"The left image contains more {plural(s)} than the right image.",
+    )
+    return out
 
 
 def expression(rng: np.random.Generator, objs: list[Obj], k: int) -> str | None:

@@ -49,10 +49,11 @@ from cmal.data.scene import (
 )
 
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
-VERSION = 2
+VERSION = 3
 """Bumped whenever the same seed would give different files (a workflow's world stage
 is redone when it changes). 2: colour attributes per region; 300 NLVR2 pairs per
-evaluation split at 2,000 images."""
+evaluation split at 2,000 images. 3: NLVR2 statements of three families per pair, as
+many false as true per family (:func:`cmal.data.language.statements`)."""
 NLVR2_EVAL = 0.3
 """NLVR2 pairs in dev and in test1, each, per image of the world (0.1 per image before
 version 2 gave 100 statements per split at 2,000 images: too few to tell models apart)."""
@@ -231,18 +232,32 @@ def _write_captions_vqa_ve(out: Path, scenes: list[list[Obj]], rng) -> dict:
 
 
 def _write_nlvr2(out: Path, keys: list[str], scenes: list[list[Obj]], rng) -> dict:
-    rows: dict[str, list[str]] = {"train": [], "dev": [], "test1": []}
+    # Every family's candidates first, then per split and family as many false statements
+    # as true ones, chosen at random: a family's words then say nothing about the label.
+    found: dict[tuple[str, str], dict[bool, list]] = {}
     for p in range(len(keys) // 2):
+        split = keys[2 * p].split("-")[0]
+        for family, text, truth in language.statements(rng, scenes[2 * p], scenes[2 * p + 1]):
+            found.setdefault((split, family), {True: [], False: []})[truth].append((p, text))
+    kept: dict[int, list[tuple[str, bool]]] = {}
+    for by_truth in found.values():
+        k = min(len(v) for v in by_truth.values())
+        for truth, items in by_truth.items():
+            for i in sorted(rng.choice(len(items), size=k, replace=False)):
+                p, text = items[i]
+                kept.setdefault(p, []).append((text, truth))
+    rows: dict[str, list[str]] = {"train": [], "dev": [], "test1": []}
+    for p in sorted(kept):
         split, n, _, _ = keys[2 * p].split("-")
-        text, truth = language.statement(rng, scenes[2 * p], scenes[2 * p + 1])
-        record = {
-            "identifier": f"{split}-{n}-0-0",
-            "sentence": text,
-            "label": "True" if truth else "False",
-            "left_url": f"{keys[2 * p]}.jpg",
-            "right_url": f"{keys[2 * p + 1]}.jpg",
-        }
-        rows[split].append(json.dumps(record))
+        for k, (text, truth) in enumerate(kept[p]):
+            record = {
+                "identifier": f"{split}-{n}-0-{k}",  # NLVR2's split-set-pair-sentence
+                "sentence": text,
+                "label": "True" if truth else "False",
+                "left_url": f"{keys[2 * p]}.jpg",
+                "right_url": f"{keys[2 * p + 1]}.jpg",
+            }
+            rows[split].append(json.dumps(record))
     for split, lines in rows.items():
         (out / "nlvr2" / f"{split}.json").write_text("".join(line + "\n" for line in lines))
     return {"nlvr2_statements": sum(len(v) for v in rows.values())}
