@@ -22,10 +22,14 @@ def test_claim_study_expands_into_arms_seeds_and_tasks():
     pre = [s for s in wf.stages if s["kind"] == "pretrain"]
     fts = [s for s in wf.stages if s["kind"] == "finetune"]
     assert wf.stages[0]["kind"] == "world"
-    # cmal and contrastive x 3 seeds, 8 single-seed pre-trained arms, and scratch (no pre-training)
-    assert len(pre) == 14 and len(fts) == 15 * 4
+    # cmal and contrastive x 3 seeds, 9 single-seed pre-trained arms, and scratch (no pre-training)
+    assert len(pre) == 15 and len(fts) == 16 * 4
     names = {s["overrides"][-3] for s in pre}
     assert {"name=claim-cmal-s2", "name=claim-contrastive-s1", "name=claim-cmal-25-s0"} <= names
+    assert (
+        "model.losses.itm=true"
+        in next(s for s in pre if "name=claim-itm-s0" in s["overrides"])["overrides"]
+    )
     scratch = [s for s in fts if "name=claim-scratch-s0-vqa" in s["overrides"]]
     assert scratch and scratch[0]["from"] == "none"
     contrastive = next(s for s in pre if "name=claim-contrastive-s0" in s["overrides"])
