@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cmal.model import heads
 from cmal.model.anchors import ConceptVocab, split_words, tokenize_with_anchors
-from cmal.model.cmal import CMAL, amc_targets
+from cmal.model.cmal import CMAL, Batch, amc_targets
 from cmal.model.prompt import Anchors, AssociativePrompt
 
 
@@ -262,3 +262,19 @@ def test_pooled_read_out_ignores_padded_regions():
     for head in (heads.VQAHead(d, 7, 2 * d), heads.EntailmentHead(d, 2 * d)):
         assert head(pooled).shape[0] == 3
     assert heads.PairReasoningHead(d, 2 * d)(pooled, pooled).shape == (3, 2)
+
+
+def test_a_batch_of_one_trains():
+    # The last batch of an epoch can hold one sample: no other caption to borrow for ITM.
+    from dataclasses import fields
+
+    cfg = tiny_config().model
+    b = random_batch(cfg, n=4)
+    one = {
+        f.name: Anchors(*(getattr(v, g.name)[:1] for g in fields(v)))
+        if isinstance(v := getattr(b, f.name), Anchors)
+        else v[:1]
+        for f in fields(b)
+    }
+    losses = CMAL(cfg).pretrain_losses(Batch(**one))
+    assert torch.isfinite(losses["loss"]) and losses["itm"] > 0

@@ -159,9 +159,11 @@ class CMAL(nn.Module):
                 pooled = _masked_mean(v, batch.region_mask)
                 out["itc"] = self.itc(clean[:, 0], pooled) if n > 1 else t.sum() * 0.0
             if self.itm is not None:
-                donor = self._negative_donors(batch)
-                pair_t = torch.where(negative[:, None, None], clean[donor], clean)
-                pair_mask = torch.where(negative[:, None], text_mask[donor], text_mask)
+                pair_t, pair_mask = clean, text_mask
+                if n > 1:  # a batch of one has no other caption to borrow
+                    donor = self._negative_donors(batch)
+                    pair_t = torch.where(negative[:, None, None], clean[donor], clean)
+                    pair_mask = torch.where(negative[:, None], text_mask[donor], text_mask)
                 pair = self.unified(pair_t, v, pair_mask, batch.region_mask, boxes)
                 out["itm"] = _ce(self.itm(pair[:, 0]), (~negative).long())
         weights = {
