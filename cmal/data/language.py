@@ -190,7 +190,7 @@ def statements(
     add(
         "only",
         mine - theirs,
-        theirs - mine | (mine & theirs),
+        theirs,  # in the other image only, or in both
         lambda cs: f"The {side} image contains {thing(cs)} and the {other} image does not.",
     )
     add(
