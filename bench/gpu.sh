@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmark as one prepared run (a few minutes on an H100/H200): the bf16 matmul
 # peak first, then bench/step.py at base size, batch 256 and 512, bf16; the table last.
-#   bash bench/gpu.sh [WHEELS=.whl] [override ...]     e.g. engine.compile=true
+#   bash bench/gpu.sh [WHEELS_DIR=.whl] [bench/step.py argument ...]   e.g. engine.compile=true
 # Where python3 lacks deepspeed / submitit / mosaicml-streaming (and nothing can be
 # fetched), it installs them from WHEELS, made beforehand on a CPU machine with
 # `bash bench/wheels.sh .whl`. The log is also written to $OUT/gpu.log when OUT is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-whl=${1:-.whl}
-shift || true
+whl=.whl
+if [ $# -gt 0 ] && [ -d "$1" ]; then whl=$1; shift; fi
 log=${OUT:-/tmp}/gpu.log
 if ! python3 -c "import deepspeed, submitit, streaming" 2>/dev/null; then
     if ! ls "$whl"/*.whl >/dev/null 2>&1; then
