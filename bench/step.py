@@ -146,7 +146,15 @@ def main() -> None:
     from cmal.engine.deepspeed import init_world
 
     batches = [int(b) for b in args.batch.split(",")]
-    cfg = load_config(ROOT / f"configs/model/{args.size}.yaml", [f"engine.zero_stage={args.zero}"])
+
+    def config(n: int):
+        return load_config(
+            ROOT / f"configs/model/{args.size}.yaml",
+            [f"engine.zero_stage={args.zero}", f"data.batch_size={n}", *args.overrides],
+        )
+
+    # The overrides reach the world (engine.precision, engine.device) and the model too.
+    cfg = config(batches[0])
     world = init_world(cfg)
     dev = torch.cuda.get_device_name() if world.device.type == "cuda" else "CPU"
     peak = args.peak and (
@@ -157,10 +165,7 @@ def main() -> None:
     m = cfg.model
     rows, ratios = [], []
     for n in batches:
-        cfg = load_config(
-            ROOT / f"configs/model/{args.size}.yaml",
-            [f"engine.zero_stage={args.zero}", f"data.batch_size={n}", *args.overrides],
-        )
+        cfg = config(n)
         batch = random_batch(m, n=n, text_len=m.max_text_len, regions=m.max_regions)
 
         def run(step) -> float:
