@@ -350,12 +350,16 @@ def report_cmd(
     out: Path | None = typer.Option(None, help="Also write the tables to this Markdown file."),
     plot: Path | None = typer.Option(None, help="PNG: metric vs pre-training data fraction."),
 ) -> None:
-    """A study's results: per task, arms x splits, mean ± std over seeds."""
-    from cmal.report import collect, tables
+    """A study's results: per task, arms x splits, mean ± std over seeds; CMAL against
+    the contrastive baseline (win / tie / lose beyond two standard errors)."""
+    from cmal.report import collect, comparisons, tables
     from cmal.report import plot as plot_fraction
 
     results = collect(runs)
     text = tables(results)
+    versus = comparisons(results)
+    if versus:
+        text += "\n## CMAL vs the contrastive baseline\n\n" + versus
     typer.echo(text)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

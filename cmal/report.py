@@ -1,5 +1,6 @@
-"""``cmal report RUNS...``: a study's fine-tuned runs as tables (mean ± std over seeds)
-and a plot of each task's metric against the pre-training data fraction.
+"""``cmal report RUNS...``: a study's fine-tuned runs as tables (mean ± std over seeds),
+CMAL set against the contrastive baseline with a verdict, and a plot of each task's metric
+against the pre-training data fraction.
 
 A run is grouped by its name, ``<study>-<arm>-s<seed>-<task>`` (what ``cmal/study.py``
 names them); its numbers are its ``metrics.json``. For the plot, arms named ``cmal``,
@@ -80,6 +81,69 @@ def tables(results: list[Result]) -> str:
             cells = [_cell(by[(task, arm)][s]) if by[(task, arm)][s] else "–" for s in splits]
             lines.append(f"| {arm} | {len(seeds[(task, arm)])} | " + " | ".join(cells) + " |")
         lines.append("")
+    return "\n".join(lines)
+
+
+WIN_SE = 2.0
+"""A gap counts (win or lose) when it exceeds this many standard errors of the difference
+of the two means; at 3 seeds a rule of thumb, not a significance test."""
+
+
+def _pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """(CMAL arm, contrastive arm) pairs present: equal data (``cmal-<p>`` against
+    ``contrastive-<p>``), and for the less-data half of the claim ``cmal-<p>`` against the
+    contrastive model at 100%."""
+    frac = {}
+    for arm in arms:
+        m = METHOD.match(arm)
+        if m:
+            frac[(m["method"], int(m["pct"] or 100))] = arm
+    out = []
+    for (method, pct), arm in sorted(frac.items(), key=lambda kv: -kv[0][1]):
+        if method != "cmal":
+            continue
+        for other in dict.fromkeys((pct, 100)):
+            if ("contrastive", other) in frac:
+                out.append((arm, frac[("contrastive", other)]))
+    return out
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """``win`` / ``lose`` (for ``a``) when the difference of the means exceeds
+    :data:`WIN_SE` standard errors sqrt(s_a²/n_a + s_b²/n_b), ``tie`` otherwise; ``1 seed``
+    when either side has one value, as its spread is then unknown."""
+    if min(len(a), len(b)) < 2:
+        return "1 seed"
+    diff = statistics.mean(a) - statistics.mean(b)
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    if abs(diff) <= WIN_SE * se:
+        return "tie"
+    return "win" if diff > 0 else "lose"
+
+
+def comparisons(results: list[Result]) -> str:
+    """CMAL against the contrastive baseline, per task and split: both means, the
+    difference, and :func:`verdict`. Empty when the study has no such pair."""
+    by = defaultdict(lambda: defaultdict(list))  # (task, arm) -> split -> values
+    for r in results:
+        for split, v in r.metrics.items():
+            by[(r.task, r.arm)][split].append(v)
+    lines = []
+    for a, b in _pairs(list(dict.fromkeys(r.arm for r in results))):
+        rows = []
+        for task in TASK_ORDER:
+            for split, va in by[(task, a)].items():
+                vb = by[(task, b)].get(split)
+                if not vb:
+                    continue
+                diff = statistics.mean(va) - statistics.mean(vb)
+                rows.append(
+                    f"| {task} | {split} | {_cell(va)} | {_cell(vb)} | {diff:+.1f} | "
+                    f"{verdict(va, vb)} |"
+                )
+        if rows:
+            lines += [f"### {a} vs {b}", "", f"| task | split | {a} | {b} | difference | verdict |"]
+            lines += ["|---|---|---|---|---|---|", *rows, ""]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import yaml
 from conftest import ROOT
 
 from cmal.config import ConfigError
-from cmal.report import collect, plot, tables
+from cmal.report import collect, comparisons, plot, tables, verdict
 from cmal.workflow import load_workflow
 
 
@@ -81,6 +81,25 @@ def test_report_means_and_stds_over_seeds_and_the_fraction_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ConfigError, match="no evaluated runs"):
         collect([tmp_path / "not-a-run"])
+
+
+def test_report_sets_cmal_against_contrastive_with_a_verdict(tmp_path):
+    _metrics(tmp_path / "claim-cmal-s0-vqa", val=0.50, test=0.40)
+    _metrics(tmp_path / "claim-cmal-s1-vqa", val=0.60, test=0.44)
+    _metrics(tmp_path / "claim-contrastive-s0-vqa", val=0.45, test=0.30)
+    _metrics(tmp_path / "claim-contrastive-s1-vqa", val=0.47, test=0.32)
+    _metrics(tmp_path / "claim-cmal-25-s0-vqa", val=0.30, test=0.20)
+    text = comparisons(collect(sorted(tmp_path.iterdir())))
+    # val: 55 - 46 = +9 against 2 x sqrt(50/2 + 2/2) = 10.2; test: 42 - 31 = +11 > 2 x sqrt(5)
+    assert "| vqa | val | 55.0 ± 7.1 | 46.0 ± 1.4 | +9.0 | tie |" in text
+    assert "| vqa | test | 42.0 ± 2.8 | 31.0 ± 1.4 | +11.0 | win |" in text
+    # the less-data comparison: CMAL at 25% against the contrastive model at 100%
+    assert (
+        "### cmal-25 vs contrastive" in text
+        and "| vqa | val | 30.0 | 46.0 ± 1.4 | -16.0 | 1 seed |" in text
+    )
+    assert "cmal-25 vs contrastive-25" not in text
+    assert verdict([31.0, 32.0], [40.0, 44.0]) == "lose"
 
 
 @pytest.mark.slow
