@@ -61,13 +61,20 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def tables(results: list[Result]) -> str:
-    """One Markdown table per task: arms × splits, mean ± std over seeds (n = seeds)."""
-    by = defaultdict(lambda: defaultdict(list))
-    seeds = defaultdict(set)
+def _values(results: list[Result]) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """(task, arm) -> split -> one value per seed."""
+    by: dict = defaultdict(lambda: defaultdict(list))
     for r in results:
         for split, v in r.metrics.items():
             by[(r.task, r.arm)][split].append(v)
+    return by
+
+
+def tables(results: list[Result]) -> str:
+    """One Markdown table per task: arms × splits, mean ± std over seeds (n = seeds)."""
+    by = _values(results)
+    seeds = defaultdict(set)
+    for r in results:
         seeds[(r.task, r.arm)].add(r.seed)
     arms = list(dict.fromkeys(r.arm for r in results))
     lines = []
@@ -124,10 +131,7 @@ def verdict(a: list[float], b: list[float]) -> str:
 def comparisons(results: list[Result]) -> str:
     """CMAL against the contrastive baseline, per task and split: both means, the
     difference, and :func:`verdict`. Empty when the study has no such pair."""
-    by = defaultdict(lambda: defaultdict(list))  # (task, arm) -> split -> values
-    for r in results:
-        for split, v in r.metrics.items():
-            by[(r.task, r.arm)][split].append(v)
+    by = _values(results)
     lines = []
     for a, b in _pairs(list(dict.fromkeys(r.arm for r in results))):
         rows = []
