@@ -74,7 +74,7 @@ def load_into(model: CMAL, weights: dict[str, torch.Tensor], source: str) -> Non
 
 def _task_info(cfg: Config, task: Task, world, folder: Path) -> dict[str, Any]:
     """The task's info, computed once on rank 0 (from the training shards) and shared."""
-    from cmal.data.stream import open_dataset
+    from cmal.data.stream import open_dataset, release
 
     path = folder / "task.json"
     box: list[Any] = [None]
@@ -83,7 +83,9 @@ def _task_info(cfg: Config, task: Task, world, folder: Path) -> dict[str, Any]:
             box[0] = json.loads(path.read_text())
         else:
             data = dataclasses.replace(cfg.data, shuffle=False, local=None)
-            info = task.prepare(open_dataset(data, feature_dim=cfg.model.visual.feature_dim), cfg)
+            dataset = open_dataset(data, feature_dim=cfg.model.visual.feature_dim)
+            info = task.prepare(dataset, cfg)
+            release(dataset, all_ranks=False)
             box[0] = {"task": task.name, "pool": cfg.task.pool, **info}
             path.write_text(json.dumps(box[0]))
     if world.size > 1:
@@ -145,7 +147,7 @@ def evaluate_module(
 ) -> dict:
     """Metrics of ``module`` on every eval set of ``splits``; predictions and metrics.json
     written by rank 0. Predictions are gathered with a collective, never through files."""
-    from cmal.data.stream import make_loader, open_dataset
+    from cmal.data.stream import make_loader, open_dataset, release
     from cmal.engine.loop import to_device
 
     module = module.to(world.device).eval()
@@ -163,6 +165,7 @@ def evaluate_module(
             for item in loader:
                 if "batch" in item:
                     mine += module.predict(to_device(item, world.device))
+            release(dataset)
             gathered: list[list[dict]] = [mine]
             if world.size > 1:
                 gathered = [None] * world.size  # type: ignore[list-item]

@@ -83,7 +83,7 @@ def announce(cfg: Config, world, folder: Path, quiet: bool) -> None:
 
 def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool):
     """Wrap ``module`` in the engine, resume the run's newest checkpoint, run the loop."""
-    from cmal.data.stream import make_loader, open_dataset
+    from cmal.data.stream import make_loader, open_dataset, release
     from cmal.engine.checkpoint import Checkpointer
     from cmal.engine.deepspeed import build_engine
     from cmal.engine.loop import train, validation_losses
@@ -112,7 +112,7 @@ def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool
     loader = make_loader(cfg.data, dataset, cfg.model.max_text_len, cfg.model.max_regions)
     if data_state:
         loader.load_state_dict(data_state)
-    evaluate = None
+    evaluate, val_set = None, None
     if cfg.engine.eval_every:
         val_cfg = dataclasses.replace(cfg.data, shuffle=False, local=None)
         val_set = open_dataset(
@@ -125,11 +125,16 @@ def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool
 
     observer = make_observer(cfg, world, module, folder / "log.jsonl")
     try:
-        return train(
+        outcome = train(
             engine, loader, cfg, world, ckpt, folder / "log.jsonl", start, evaluate, observer
         )
     finally:
         observer.close()
+    # Not on an error: its rank may be alone, and release() ends in a barrier.
+    for done in (dataset, val_set):
+        if done is not None:
+            release(done)
+    return outcome
 
 
 def make_observer(cfg: Config, world, module: nn.Module, log: Path):

@@ -40,7 +40,7 @@ def _load(run: Path) -> tuple[Config, torch.nn.Module]:
 
 
 def _batches(cfg: Config, shards: str | None, n: int):
-    from cmal.data.stream import make_loader, open_dataset
+    from cmal.data.stream import make_loader, open_dataset, release
 
     remote = shards or cfg.data.val_remote or cfg.data.remote
     data = dataclasses.replace(cfg.data, shuffle=False, local=None, workers=0, batch_size=32)
@@ -50,6 +50,7 @@ def _batches(cfg: Config, shards: str | None, n: int):
         if "batch" in item and seen < n:
             seen += item["batch"].input_ids.shape[0]
             yield item["batch"]
+    release(ds)
 
 
 class _LastAttention:

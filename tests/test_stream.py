@@ -15,7 +15,7 @@ from streaming.base.util import clean_stale_shared_memory
 
 from cmal.config import ConfigError, load_config
 from cmal.data.errors import DataError
-from cmal.data.stream import make_loader, open_dataset
+from cmal.data.stream import make_loader, open_dataset, release
 
 
 def cfg_for(remote: str, cache, *more: str):
@@ -63,6 +63,30 @@ def test_batches_are_model_ready(world, tmp_path):
     assert set(batch["label"].tolist()) <= {0, 1}
     j = b.anchors.text_pos[b.anchors.valid]
     assert (j > 0).all()
+
+
+def test_a_released_dataset_leaves_no_descriptor_or_shared_memory(world, tmp_path, caplog):
+    # A workflow opens dozens of datasets in one process; streaming alone keeps each one's
+    # shared memory open until the process exits (a study ran out of descriptors so).
+    data = cfg_for(str(world / "shards/ve/train"), tmp_path / "c", "data.workers=0")
+    ds = open_dataset(data, feature_dim=128)
+    next(iter(make_loader(data, ds, 40, 36)))  # an epoch left unfinished, as training does
+    prefix = f"{ds._shm_prefix_int:06}_"
+
+    def held() -> tuple[list[str], list[str]]:
+        fds = []
+        for f in os.listdir("/proc/self/fd"):
+            try:
+                fds.append(os.readlink(f"/proc/self/fd/{f}"))
+            except FileNotFoundError:  # closed meanwhile (the listing's own descriptor)
+                pass
+        mine = [f for f in fds if os.path.basename(f).startswith(prefix)]
+        return mine, [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+    assert all(held())
+    release(ds)
+    assert held() == ([], [])
+    assert "Invalid shard state" not in caplog.text  # its threads were stopped first
 
 
 def test_s3_matches_local(world, s3, tmp_path):
