@@ -73,6 +73,18 @@ def test_world_files_are_in_the_public_formats(world):
     assert {r["split"] for r in refs} == {"train", "val", "testA", "testB"}
 
 
+def test_less_data_subsets_are_nested_quarters_and_halves(world):
+    from streaming import StreamingDataset
+
+    def images(name: str) -> set[str]:
+        ds = StreamingDataset(local=str(world / f"shards/pretrain/{name}"), shuffle=False)
+        return {ds[i]["image"] for i in range(len(ds))}
+
+    full, half, quarter = images("train"), images("train_50"), images("train_25")
+    assert quarter < half < full
+    assert len(half) == len(full) // 2 and len(quarter) == len(full) // 4
+
+
 def test_captions_exercise_the_anchor_operator(world):
     from streaming import StreamingDataset
 

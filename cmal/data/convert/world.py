@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from cmal.data.convert import (
     Converted,
+    Record,
     SampleBuilder,
     coco,
     concept_names,
@@ -25,6 +27,14 @@ FRACTIONS = (25, 50)
 
 def _image_order(key: str) -> tuple[int, str]:
     return (int(key), key) if key.isdigit() else (1 << 62, key)
+
+
+def _captions_of(captions: Path, images: list[str]) -> Iterator[Record]:
+    """The caption records of ``images``. A function, not a generator expression in the
+    loop: that one would read the loop's last subset when the shards are written (every
+    subset was the 50% one until this was a function)."""
+    keep = set(images)
+    return (r for r in coco.records(captions) if r.image in keep)
 
 
 def convert_world(
@@ -63,9 +73,8 @@ def convert_world(
     }
     images = sorted({r.image for r in coco.records(train_caps)}, key=_image_order)
     for pct in FRACTIONS:
-        first = set(images[: max(1, len(images) * pct // 100)])
-        subset = (r for r in coco.records(train_caps) if r.image in first)
-        jobs[f"pretrain/train_{pct}"] = ("pretrain", det, subset)
+        first = images[: max(1, len(images) * pct // 100)]
+        jobs[f"pretrain/train_{pct}"] = ("pretrain", det, _captions_of(train_caps, first))
     for s in ("train", "val", "test"):
         q = w / f"vqa/v2_OpenEnded_mscoco_{s}_questions.json"
         jobs[f"vqa/{s}"] = ("vqa", det, vqa.records(q, w / f"vqa/v2_mscoco_{s}_annotations.json"))
