@@ -50,12 +50,11 @@ from cmal.data.scene import (
 
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
 VERSION = 4
-"""Bumped when the world's files or shards change, so a workflow's world stage remakes
-them: 4 fixed the 25% pre-training subset (it held the 50% one)."""
-"""Bumped whenever the same seed would give different files (a workflow's world stage
-is redone when it changes). 2: colour attributes per region; 300 NLVR2 pairs per
+"""Bumped whenever the same seed would give different files or shards (a workflow's
+world stage is redone when it changes). 2: colour attributes per region; 300 NLVR2 pairs per
 evaluation split at 2,000 images. 3: NLVR2 statements of three families per pair, as
-many false as true per family (:func:`cmal.data.language.statements`)."""
+many false as true per family (:func:`cmal.data.language.statements`). 4: the 25%
+pre-training subset (``pretrain/train_25``) holds 25% of the images, not the 50% subset."""
 NLVR2_EVAL = 0.3
 """NLVR2 pairs in dev and in test1, each, per image of the world (0.1 per image before
 version 2 gave 100 statements per split at 2,000 images: too few to tell models apart)."""
