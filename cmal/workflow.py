@@ -265,7 +265,12 @@ def _present(rec: dict[str, Any]) -> bool:
     if "shards" in out:
         return (Path(out["shards"]) / "pretrain" / "train" / "index.json").is_file()
     if "run" in out:
-        return (Path(out["run"]) / "checkpoints" / "latest").is_file()
+        run = Path(out["run"])
+        # An evaluation's metrics go when its run folder is remade (a fine-tuning redone
+        # after its folder was removed): then the evaluation is due again too.
+        if "metrics" in out and not (run / "metrics.json").is_file():
+            return False
+        return (run / "checkpoints" / "latest").is_file()
     return True
 
 

@@ -379,3 +379,17 @@ def test_vqa_losses_by_hand():
             + math.log(1 - sig[2])) / 3  # fmt: skip
     info["loss"] = "bce"
     assert math.isclose(VQA().loss(logits, item, info).item(), bce * 3, rel_tol=1e-5)
+
+
+def test_an_evaluation_whose_metrics_are_gone_is_due_again(tmp_path):
+    from cmal.workflow import _present
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step-100")
+    evaluated = {"outputs": {"run": str(run), "metrics": {"val": {"accuracy": 0.5}}}}
+    # the fine-tuning was redone in a new folder: its checkpoint is back, its metrics not
+    assert _present({"outputs": {"run": str(run), "step": 100}})
+    assert not _present(evaluated)
+    (run / "metrics.json").write_text("{}")
+    assert _present(evaluated)
