@@ -4,7 +4,10 @@ evaluate), each recording its inputs, config hash and outputs in
 
 A stage already done with the same hash is skipped; an interrupted one resumes from its
 run's newest checkpoint (the run does that by itself); a failed one stops the chain with
-the stage's name and its error. Stage kinds and their fields:
+the stage's name and its error. A pre-training or fine-tuning stage also records the
+world(s) it was trained on: when its config, its upstream or a world stage before it has
+changed since, it trains afresh, and its old run folder is kept beside as
+``<run>.stale-<n>`` (never deleted). Stage kinds and their fields:
 
 - ``world``: ``out``, ``images``, ``seed``, ``attribute_tags`` (default true: regions
   tagged "<colour> <shape>") — the scene world and its shards.
@@ -124,6 +127,11 @@ class Runner:
         )
         self.outputs: dict[str, dict[str, Any]] = {}
         self.hashes: dict[str, str] = {}
+        self.configs: dict[str, Config] = {}
+        self.worlds: list[str] = []
+        """Hashes of the world stages so far: the data every later training stage reads."""
+        self.remade = False
+        """Whether a world stage ran (not skipped) in this invocation."""
 
     def _save(self) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +153,7 @@ class Runner:
             inputs["version"] = VERSION  # a new generator makes a new world
             return _digest(inputs), inputs
         if kind == "pretrain":
-            cfg = self.config(st, [])
+            cfg = self.configs[st["name"]] = self.config(st, [])
             return _digest([config_hash(cfg)]), {"config": st["config"], "run": str(_run(cfg))}
         if kind == "finetune":
             source = st.get("from")
@@ -158,7 +166,7 @@ class Runner:
                 f"task.name={st['task']}",
                 f"task.init_from={init}" if init else "task.init_from=null",
             ]
-            cfg = self.config(st, extra)
+            cfg = self.configs[st["name"]] = self.config(st, extra)
             upstream = self.hashes.get(source, str(source))
             return _digest([config_hash(cfg), upstream]), {
                 "config": st["config"],
@@ -179,19 +187,28 @@ class Runner:
                 raise StageFailed(f"stage {name!r} failed: {e}") from e
             self.hashes[name] = digest
             rec = self.state.get(name, {})
-            if rec.get("status") == "done" and rec.get("hash") == digest and _present(rec):
+            trains = st["kind"] in ("pretrain", "finetune")
+            same = rec.get("hash") == digest and not (trains and self._other_world(rec))
+            if rec.get("status") == "done" and same and _present(rec):
                 self.echo(f"[{name}] done before with the same inputs: skipped")
                 self.outputs[name] = rec.get("outputs", {})
+                if st["kind"] == "world":
+                    self.worlds.append(digest)
                 continue
             self.echo(f"[{name}] {st['kind']} …")
+            stale = trains and bool(rec) and not same
             self.state[name] = {
                 "status": "running",
                 "hash": digest,
                 "inputs": inputs,
                 "started": time.time(),
             }
+            if trains:
+                self.state[name]["worlds"] = list(self.worlds)
             self._save()
             try:
+                if stale:
+                    self._set_aside(name, Path(inputs["run"]))
                 status, outputs = self.execute(st, inputs)
             except Exception as e:
                 self.state[name].update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -200,11 +217,42 @@ class Runner:
             self.outputs[name] = outputs
             self.state[name].update(status=status, outputs=outputs, finished=time.time())
             self._save()
+            if st["kind"] == "world":
+                self.worlds.append(digest)
+                self.remade = True
             if status != "done":
                 self.echo(f"[{name}] {status}; run the workflow again to resume")
                 return status
         self.echo(self.summary())
         return "done"
+
+    def _other_world(self, rec: dict[str, Any]) -> bool:
+        """Whether a training stage's record was trained on other world data than now (a
+        record from before worlds were recorded: when a world was made in this run)."""
+        if "worlds" in rec:
+            return rec["worlds"] != self.worlds
+        return self.remade
+
+    def _set_aside(self, name: str, run: Path) -> None:
+        """Move a run folder trained on other inputs out of the way (resuming it would
+        continue, or skip as finished, a training on the old ones)."""
+        from cmal.stages import run_store, run_url
+
+        cfg = self.configs[name]
+        store = run_store(cfg)
+        if store is not None and store.newest_checkpoint() is not None:
+            raise ConfigError(
+                f"{run_url(cfg)} was trained on other inputs than this stage's now; "
+                "delete it or give the run another name"
+            )
+        if not run.exists():
+            return
+        n = 1
+        while run.with_name(f"{run.name}.stale-{n}").exists():
+            n += 1
+        aside = run.with_name(f"{run.name}.stale-{n}")
+        run.rename(aside)
+        self.echo(f"[{name}] {run} was trained on other inputs: kept as {aside}, training afresh")
 
     def summary(self) -> str:
         """Every evaluate stage's metrics, one line per evaluated split."""

@@ -393,3 +393,41 @@ def test_an_evaluation_whose_metrics_are_gone_is_due_again(tmp_path):
     assert not _present(evaluated)
     (run / "metrics.json").write_text("{}")
     assert _present(evaluated)
+
+
+@pytest.mark.slow
+def test_a_remade_world_trains_afresh_and_keeps_the_old_run(tmp_path):
+    _write_chain(tmp_path, tmp_path / "w")  # its pre.yaml reads the world stage's shards
+    pre = yaml.safe_load((tmp_path / "pre.yaml").read_text())
+    pre["engine"]["steps"] = 2
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(pre))
+
+    def run(seed):
+        world = {"name": "world", "kind": "world", "out": str(tmp_path / "w"), "images": 60}
+        pretrain = {"name": "pretrain", "kind": "pretrain", "config": str(tmp_path / "pre.yaml")}
+        stages = [{**world, "seed": seed}, pretrain]
+        wf = tmp_path / "remade.yaml"
+        wf.write_text(yaml.safe_dump({"name": "remade", "runs": str(tmp_path / "runs"),
+                                      "stages": stages}))  # fmt: skip
+        res = subprocess.run([sys.executable, "-m", "cmal.cli", "run", str(wf)],
+                             capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    runs, state_file = tmp_path / "runs", tmp_path / "runs" / "workflow-remade.json"
+    run(0)
+    first = (runs / "t-pre" / "checkpoints" / "latest").read_text()
+    assert run(0).count("skipped") == 2
+    # a state file written before worlds were recorded: not retrained while the world stands
+    state = json.loads(state_file.read_text())
+    del state["pretrain"]["worlds"]
+    state_file.write_text(json.dumps(state))
+    assert run(0).count("skipped") == 2
+
+    out = run(1)  # another world: the pre-training is redone, the old run kept aside
+    assert "skipped" not in out and "kept as" in out
+    assert (runs / "t-pre.stale-1" / "checkpoints" / "latest").read_text() == first
+    assert (runs / "t-pre" / "checkpoints" / "latest").is_file()
+    state = json.loads(state_file.read_text())
+    assert state["pretrain"]["worlds"] == [state["world"]["hash"]]
+    assert run(1).count("skipped") == 2
