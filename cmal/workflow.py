@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +246,9 @@ class Runner:
                 f"{run_url(cfg)} was trained on other inputs than this stage's now; "
                 "delete it or give the run another name"
             )
-        if not run.exists():
+        # One rank moves it. The others touch the folder only after the stage's first
+        # collective (engine setup, task info), which rank 0 joins after the move.
+        if int(os.environ.get("RANK", "0")) != 0 or not run.exists():
             return
         n = 1
         while run.with_name(f"{run.name}.stale-{n}").exists():
