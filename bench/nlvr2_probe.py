@@ -65,6 +65,8 @@ def encode(run: Path, split: str, root: Path) -> dict[str, torch.Tensor]:
     out: dict[str, list] = {"cls": [], "score": [], "label": [], "ids": []}
     with torch.no_grad():
         for item in make_loader(data, dataset, cfg.model.max_text_len, cfg.model.max_regions):
+            if "batch" not in item:  # every sample of the batch was skipped as bad
+                continue
             cls, score = [], []
             for key in ("batch", "batch2"):
                 b = item[key]
