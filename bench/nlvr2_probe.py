@@ -48,17 +48,18 @@ def encode(run: Path, split: str, root: Path) -> dict[str, torch.Tensor]:
     from cmal.downstream import load_into, pretrained_weights
     from cmal.model.cmal import CMAL
     from cmal.stages import newest_weights
-    from cmal.tasks import get_task
+    from cmal.tasks import Objective, get_task
 
     cfg = load_config(run / "config.yaml")
     model = CMAL(cfg.model).eval()
-    load_into(model, pretrained_weights(run), str(run))
     scorer = None
     info = json.loads((run / "task.json").read_text()) if (run / "task.json").is_file() else {}
-    if info.get("task") == "rec":
-        scorer = get_task("rec").head(cfg.model.unified.hidden, info).eval()
-        head = {k[5:]: v for k, v in newest_weights(run).items() if k.startswith("head.")}
-        scorer.load_state_dict(head)
+    if info.get("task") == "rec":  # the model with its REC head, as `cmal evaluate` loads it
+        rec = get_task("rec")
+        scorer = rec.head(cfg.model.unified.hidden, info).eval()
+        Objective(rec, model, scorer, info).load_state_dict(newest_weights(run))
+    else:
+        load_into(model, pretrained_weights(run), str(run))
     data = dataclasses.replace(cfg.data, shuffle=False, local=None, workers=0, batch_size=64)
     remote = str(root / cfg.task.data_root / f"nlvr2/{split}")
     dataset = open_dataset(data, remote=remote, feature_dim=cfg.model.visual.feature_dim)

@@ -187,14 +187,14 @@ class Runner:
             except Exception as e:
                 raise StageFailed(f"stage {name!r} failed: {e}") from e
             self.hashes[name] = digest
+            if st["kind"] == "world":
+                self.worlds.append(digest)
             rec = self.state.get(name, {})
             trains = st["kind"] in ("pretrain", "finetune")
             same = rec.get("hash") == digest and not (trains and self._other_world(rec))
             if rec.get("status") == "done" and same and _present(rec):
                 self.echo(f"[{name}] done before with the same inputs: skipped")
                 self.outputs[name] = rec.get("outputs", {})
-                if st["kind"] == "world":
-                    self.worlds.append(digest)
                 continue
             self.echo(f"[{name}] {st['kind']} …")
             stale = trains and bool(rec) and not same
@@ -218,9 +218,7 @@ class Runner:
             self.outputs[name] = outputs
             self.state[name].update(status=status, outputs=outputs, finished=time.time())
             self._save()
-            if st["kind"] == "world":
-                self.worlds.append(digest)
-                self.remade = True
+            self.remade = self.remade or st["kind"] == "world"
             if status != "done":
                 self.echo(f"[{name}] {status}; run the workflow again to resume")
                 return status
