@@ -417,7 +417,26 @@ def extract_cmd(
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="cmal")
+    try:
+        app(prog_name="cmal")
+    except SystemExit as done:
+        close_world(done.code)
+        raise
+
+
+def close_world(code: Any) -> None:
+    """End the process group before the interpreter does, when every rank ends together
+    (done or preempted): left to the interpreter's exit, a rank sometimes aborted there
+    ("terminate called without an active exception", exit 134) with its work done."""
+    if "torch.distributed" not in sys.modules:
+        return  # this command started no process group
+    import torch.distributed as dist
+
+    from cmal.engine.loop import PREEMPTED_EXIT
+
+    if code in (0, None, PREEMPTED_EXIT) and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- cluster

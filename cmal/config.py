@@ -355,6 +355,14 @@ class TaskConfig:
     protocol, the method's); ``cls+max``, [CLS] beside the element-wise max over the
     region outputs, so that "is there a region like the text says" reaches the head without
     [CLS]'s attention having to learn to gather it. REC reads every region either way."""
+    head_only: bool = False
+    """Fine-tune the task head alone: the encoders stay frozen (eval mode), their features
+    of every training example are computed once, standardised per dimension with the
+    training set's mean and std (kept in the checkpoint, so evaluation applies the same),
+    and each of ``engine.steps`` steps trains only the head on them — a linear-probe-style
+    protocol, cheap enough to take thousands of steps on a CPU. False (default): the whole
+    model trains end to end, the papers' protocol. Not for rec (its loss reads each
+    region's box)."""
     vqa_loss: Literal["bce", "softmax"] = "bce"
     """VQA: ``bce`` on the soft scores, summed over answers (UNITER/LXMERT), or ``softmax``:
     cross-entropy against the soft scores normalised to a distribution (MMF's option)."""
@@ -443,6 +451,11 @@ def _check_values(cfg: Config, source: str) -> None:
     need(bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty name without '/'")
     tasks = ("vqa", "ve", "nlvr2", "rec")
     need(cfg.task.name in (None, *tasks), "task.name", f"must be one of {', '.join(tasks)}")
+    need(
+        not (cfg.task.head_only and cfg.task.name == "rec"),
+        "task.head_only",
+        "not for rec (its loss reads every region's box); vqa, ve or nlvr2",
+    )
 
 
 def _type_name(tp: Any) -> str:

@@ -73,21 +73,25 @@ def load_into(model: CMAL, weights: dict[str, torch.Tensor], source: str) -> Non
 
 
 def _task_info(cfg: Config, task: Task, world, folder: Path) -> dict[str, Any]:
-    """The task's info, computed once on rank 0 (from the training shards) and shared."""
+    """The task's info: the run's task.json, or computed on rank 0 from the training shards
+    and written there; shared with every rank."""
     from cmal.data.stream import open_dataset, release
 
     path = folder / "task.json"
-    box: list[Any] = [None]
+    box: list[Any] = [json.loads(path.read_text()) if world.is_main and path.is_file() else None]
+    if world.size > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        return box[0]
+    # Every rank opens the shards: streaming sets up its shared memory with a barrier.
+    data = dataclasses.replace(cfg.data, shuffle=False, local=None)
+    dataset = open_dataset(data, feature_dim=cfg.model.visual.feature_dim)
     if world.is_main:
-        if path.is_file():
-            box[0] = json.loads(path.read_text())
-        else:
-            data = dataclasses.replace(cfg.data, shuffle=False, local=None)
-            dataset = open_dataset(data, feature_dim=cfg.model.visual.feature_dim)
-            info = task.prepare(dataset, cfg)
-            release(dataset, all_ranks=False)
-            box[0] = {"task": task.name, "pool": cfg.task.pool, **info}
-            path.write_text(json.dumps(box[0]))
+        box[0] = {"task": task.name, "pool": cfg.task.pool, **task.prepare(dataset, cfg)}
+        if cfg.task.head_only:
+            box[0]["head_only"] = True
+        path.write_text(json.dumps(box[0]))
+    release(dataset)
     if world.size > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]

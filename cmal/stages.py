@@ -110,6 +110,10 @@ def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool
     concepts = cfg.model.num_concepts if cfg.task.name is None else None
     dataset = open_dataset(cfg.data, feature_dim=fdim, num_concepts=concepts)
     loader = make_loader(cfg.data, dataset, cfg.model.max_text_len, cfg.model.max_regions)
+    if cfg.task.head_only:
+        from cmal.head_only import feature_loader
+
+        loader = feature_loader(module, loader, cfg, world, newest is None, quiet)
     if data_state:
         loader.load_state_dict(data_state)
     evaluate, val_set = None, None

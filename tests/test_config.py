@@ -74,6 +74,8 @@ def test_value_checks():
         load_config(None, ["model.prompt.p_swap=1.5"])
     with pytest.raises(ConfigError, match="AMC needs the prompt layer"):
         load_config(None, ["model.prompt.enabled=false"])
+    with pytest.raises(ConfigError, match=r"task\.head_only: not for rec"):
+        load_config(None, ["task.name=rec", "task.head_only=true"])
 
 
 def test_save_and_hash_round_trip(tmp_path):

@@ -55,8 +55,10 @@ def write_config(tmp_path, world, name="run", data_endpoint=None, **extra) -> st
     return str(path)
 
 
-def launch(config: str, ranks: int, *args: str) -> list[subprocess.Popen]:
-    """Start the ranks of `cmal pretrain` as a launcher (torchrun, srun) would."""
+def launch(
+    config: str, ranks: int, *args: str, command: str = "pretrain"
+) -> list[subprocess.Popen]:
+    """Start the ranks of `cmal <command>` as a launcher (torchrun, srun) would."""
     port = str(_free_port())
     procs = []
     for r in range(ranks):
@@ -73,7 +75,7 @@ def launch(config: str, ranks: int, *args: str) -> list[subprocess.Popen]:
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "cmal.cli", "pretrain", "-c", config, *args],
+                [sys.executable, "-m", "cmal.cli", command, "-c", config, *args],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -97,6 +99,21 @@ def finish(procs, timeout=300) -> list[int]:
 def losses(run, term: str = "loss") -> dict[int, float]:
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     return {r["step"]: r[term] for r in rows if term in r}
+
+
+def stop_and_resume(config: str, run, ranks: int, *args: str, command: str = "pretrain") -> int:
+    """Start the run, signal every rank once 10 steps are logged (as SLURM does: every task
+    gets the signal), check they saved and asked to be requeued, start it again to the end;
+    returns the step it had stopped at."""
+    procs = launch(config, ranks, *args, command=command)
+    while not (run / "log.jsonl").is_file() or len(losses(run)) < 10:
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)
+    assert finish(procs) == [PREEMPTED_EXIT] * ranks
+    stopped = max(losses(run))
+    assert finish(launch(config, ranks, *args, command=command)) == [0] * ranks
+    return stopped
 
 
 def test_zero_stages_train_and_checkpoint(world, tmp_path):
@@ -125,17 +142,8 @@ def test_signal_then_resume_gives_bitwise_same_losses_two_ranks(world, tmp_path)
         engine={"steps": steps},
         checkpoint={"root": str(tmp_path / "runs2")},
     )
-    run = tmp_path / "runs2/ref"
-    procs = launch(cfg, 2)
-    while not (run / "log.jsonl").is_file() or len(losses(run)) < 10:
-        time.sleep(0.05)
-    for p in procs:  # as SLURM does: every task gets the signal
-        p.send_signal(signal.SIGUSR2)
-    assert finish(procs) == [PREEMPTED_EXIT] * 2
-    stopped = max(losses(run))
-    assert stopped < steps
-    assert finish(launch(cfg, 2)) == [0, 0]
-    got = losses(run)
+    assert stop_and_resume(cfg, tmp_path / "runs2/ref", 2) < steps
+    got = losses(tmp_path / "runs2/ref")
     assert sorted(got) == list(range(1, steps + 1))
     assert got == want  # bitwise: same floats at every step
 

@@ -431,3 +431,52 @@ def test_a_remade_world_trains_afresh_and_keeps_the_old_run(tmp_path):
     state = json.loads(state_file.read_text())
     assert state["pretrain"]["worlds"] == [state["world"]["hash"]]
     assert run(1).count("skipped") == 2
+
+
+def test_head_only_trains_the_head_alone_and_resumes_exactly(world, tmp_path):
+    """task.head_only on 2 ranks: the encoder's weights come out as they went in, the norm
+    holds the training features' statistics, the head learns (training loss falls), a
+    signal-stopped run resumes to the same losses bit for bit, and `cmal evaluate` of the
+    run gives the metrics the fine-tuning wrote."""
+    from test_engine import finish, launch, losses, stop_and_resume, write_config
+
+    from cmal.downstream import pretrained_weights
+    from cmal.stages import newest_weights
+
+    pre = write_config(tmp_path, world, name="pre", engine={"steps": 2})
+    assert finish(launch(pre, 1)) == [0]
+    steps = 1500
+
+    def config(root: str) -> str:
+        path = tmp_path / f"{root}.yaml"
+        path.write_text(yaml.safe_dump({
+            "base": pre, "name": "ho", "data": {"local": None, "batch_size": 16},
+            "engine": {"steps": steps, "log_every": 1}, "optim": {"warmup_steps": 10},
+            "checkpoint": {"root": str(tmp_path / root), "every": 1000},
+            "task": {"data_root": str(world / "shards"), "head_only": True},
+        }))  # fmt: skip
+        return str(path)
+
+    args = ("--task", "nlvr2", "--from", str(tmp_path / "runs/pre"))
+    assert finish(launch(config("ref"), 2, *args, command="finetune")) == [0, 0]
+    want = losses(tmp_path / "ref/ho")
+    assert len(want) == steps
+    early = sum(want[s] for s in range(1, 101)) / 100
+    late = sum(want[s] for s in range(steps - 99, steps + 1)) / 100
+    assert late < early - 0.1, (early, late)
+
+    run = tmp_path / "again/ho"
+    assert stop_and_resume(config("again"), run, 2, *args, command="finetune") < steps
+    assert losses(run) == want  # bitwise: same floats at every step
+
+    trained, start = newest_weights(run), pretrained_weights(tmp_path / "runs/pre")
+    encoder = [k for k in trained if k.startswith("model.")]
+    assert encoder and all(torch.equal(trained[k], start[k[len("model.") :]]) for k in encoder)
+    assert trained["norm.mean"].abs().max() > 0 and (trained["norm.std"] != 1).any()
+    wrote = json.loads((run / "metrics.json").read_text())
+    res = subprocess.run(
+        [sys.executable, "-m", "cmal.cli", "evaluate", "--task", "nlvr2", "--run", str(run)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text()) == wrote

@@ -74,7 +74,7 @@ def epochs(loader) -> Iterator[dict[str, Any]]:
         seen = 0
         for item in loader:
             seen += 1
-            if "batch" in item:
+            if item.get("ids"):  # none: every sample of the batch was skipped as bad
                 yield item
         if seen == 0 and not first:
             raise DataError("an epoch of the training data yielded no batch (empty or all skipped)")
@@ -108,6 +108,15 @@ class Progress:
 def to_device(item: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The collated item with its batches and tensors on ``device`` (lists stay)."""
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in item.items()}
+
+
+def _size(item: dict[str, Any]) -> tuple[int, int]:
+    """Rows and real tokens of an item, read on the host (no device sync); an item of
+    cached features (head-only fine-tuning) has rows only."""
+    b = item.get("batch")
+    if b is None:
+        return len(item["ids"]), 0
+    return len(b.input_ids), int(b.text_mask.sum() + b.region_mask.sum())
 
 
 def _reduce_mean(values: dict[str, float], world: World) -> dict[str, float]:
@@ -172,8 +181,7 @@ def train(
                 tw = time.perf_counter()
                 item = next(batches)
                 wait += time.perf_counter() - tw
-                b = item["batch"]  # still on the host: these sums cost no device sync
-                rows, tokens = len(b.input_ids), int(b.text_mask.sum() + b.region_mask.sum())
+                rows, tokens = _size(item)
                 losses = engine(to_device(item, world.device))
                 # One small collective per micro-batch carries both flags (on the device,
                 # as NCCL needs).

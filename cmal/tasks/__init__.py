@@ -57,11 +57,12 @@ class Task:
     def head(self, hidden: int, info: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 
-    def logits(
-        self, model: CMAL, head: nn.Module, item: dict[str, Any], info: dict[str, Any]
-    ) -> torch.Tensor:
-        """Task logits of a collated item (the model's [CLS] by default, ``task.pool``)."""
-        return head(read_out(model, item["batch"], info))
+    def features(
+        self, model: CMAL, item: dict[str, Any], info: dict[str, Any]
+    ) -> tuple[torch.Tensor, ...]:
+        """What the head reads from the model for a collated item; the head is called as
+        ``head(*features)`` ([CLS] by default, ``task.pool``)."""
+        return (read_out(model, item["batch"], info),)
 
     def loss(
         self, logits: torch.Tensor, item: dict[str, Any], info: dict[str, Any]
@@ -85,26 +86,57 @@ class Task:
         raise NotImplementedError
 
 
+class FeatureNorm(nn.Module):
+    """Per-dimension standardisation of frozen features (head-only fine-tuning): encoder
+    outputs have a few dimensions far larger than the rest, which a fresh head otherwise
+    needs many more steps to get past. The statistics are buffers: saved in checkpoints."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class Objective(nn.Module):
-    """What the engine trains when fine-tuning: item -> {"loss"}."""
+    """What the engine trains when fine-tuning: item -> {"loss"}. An item holds either
+    model inputs (``batch``…) or, in head-only fine-tuning, the frozen model's
+    ``features`` (B, k, width), already computed (see :mod:`cmal.head_only`)."""
 
     def __init__(self, task: Task, model: CMAL, head: nn.Module, info: dict[str, Any]):
         super().__init__()
         self.task, self.model, self.head, self.info = task, model, head, info
+        self.norm = None
+        if info.get("head_only"):
+            model.requires_grad_(False)
+            self.norm = FeatureNorm(read_width(model.cfg.unified.hidden, info))
+
+    def features(self, item: dict[str, Any]) -> torch.Tensor:
+        """The model's features of ``item``, stacked as (B, k, width)."""
+        return torch.stack(self.task.features(self.model, item, self.info), 1)
+
+    def logits(self, item: dict[str, Any]) -> torch.Tensor:
+        if self.norm is None:
+            return self.head(*self.task.features(self.model, item, self.info))
+        feats = item["features"] if "features" in item else self.features(item)
+        return self.head(*self.norm(feats).unbind(1))
 
     def forward(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
-        logits = self.task.logits(self.model, self.head, item, self.info)
-        return {"loss": self.task.loss(logits, item, self.info)}
+        return {"loss": self.task.loss(self.logits(item), item, self.info)}
 
     def flops_per_row(self) -> float:
         """Training FLOPs of one batch row (one image-text pair) at the padded shapes: the
-        encoders (no MLM/AMC sites); the task head is small beside them."""
+        encoders (no MLM/AMC sites); the task head is small beside them. Head-only: the
+        head's alone (2 per weight forward, 4 backward)."""
+        if self.norm is not None:
+            return 6.0 * sum(p.numel() for p in self.head.parameters())
         return self.model.flops_per_sample(mlm_sites=0, amc_sites=0)
 
     @torch.no_grad()
     def predict(self, item: dict[str, Any]) -> list[dict]:
-        logits = self.task.logits(self.model, self.head, item, self.info)
-        return self.task.predict(logits, item, self.info)
+        return self.task.predict(self.logits(item), item, self.info)
 
 
 def get_task(name: str) -> Task:

@@ -22,8 +22,8 @@ class NLVR2(LabelTask):
     def head(self, hidden, info):
         return PairReasoningHead(hidden, read_width(hidden, info))
 
-    def logits(self, model, head, item, info) -> torch.Tensor:
-        return head(read_out(model, item["batch"], info), read_out(model, item["batch2"], info))
+    def features(self, model, item, info) -> tuple[torch.Tensor, ...]:
+        return read_out(model, item["batch"], info), read_out(model, item["batch2"], info)
 
 
 TASK = NLVR2()

@@ -44,10 +44,9 @@ class ReferringExpressions(Task):
     def head(self, hidden, info):
         return RegionScoreHead(hidden)
 
-    def logits(self, model, head, item, info) -> torch.Tensor:
+    def features(self, model, item, info) -> tuple[torch.Tensor, ...]:
         batch = item["batch"]
-        hidden = model(batch)
-        return head(hidden[:, batch.input_ids.shape[1] :], batch.region_mask)
+        return model(batch)[:, batch.input_ids.shape[1] :], batch.region_mask
 
     def loss(self, logits, item, info) -> torch.Tensor:
         batch = item["batch"]
