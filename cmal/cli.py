@@ -434,8 +434,9 @@ def close_world(code: Any) -> None:
 
     from cmal.engine.loop import PREEMPTED_EXIT
 
+    # No barrier first: a rank that failed after the last collective would hold the others
+    # in it until the group's timeout. Destroying is local; every collective is done here.
     if code in (0, None, PREEMPTED_EXIT) and dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
