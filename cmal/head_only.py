@@ -8,6 +8,8 @@ them by rank), in memory: (rows, k, width) floats, e.g. 3,416 NLVR2 statements x
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,9 +97,6 @@ class FeatureLoader:
 def feature_loader(module: Objective, loader, cfg, world, fit: bool, quiet: bool) -> FeatureLoader:
     """The loader of head-only fine-tuning: ``loader``'s examples encoded once; ``fit``
     (a fresh run, not a resumed one, whose checkpoint holds them): set the norm's statistics."""
-    import sys
-    import time
-
     t0 = time.perf_counter()
     rows = encode(module, loader, world.device)
     if fit:

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -101,16 +102,25 @@ def losses(run, term: str = "loss") -> dict[int, float]:
     return {r["step"]: r[term] for r in rows if term in r}
 
 
-def stop_and_resume(config: str, run, ranks: int, *args: str, command: str = "pretrain") -> int:
-    """Start the run, signal every rank once 10 steps are logged (as SLURM does: every task
-    gets the signal), check they saved and asked to be requeued, start it again to the end;
-    returns the step it had stopped at."""
-    procs = launch(config, ranks, *args, command=command)
-    while not (run / "log.jsonl").is_file() or len(losses(run)) < 10:
+def logged(run, steps: int) -> Callable[[], bool]:
+    """Whether ``run``'s log holds ``steps`` steps yet."""
+    return lambda: (run / "log.jsonl").is_file() and len(losses(run)) >= steps
+
+
+def preempt(procs: list[subprocess.Popen], ready: Callable[[], bool]) -> None:
+    """Once ``ready()``, signal every rank (as SLURM does: every task gets the signal) and
+    check they saved and asked to be requeued."""
+    while not ready():
         time.sleep(0.05)
     for p in procs:
         p.send_signal(signal.SIGUSR2)
-    assert finish(procs) == [PREEMPTED_EXIT] * ranks
+    assert finish(procs) == [PREEMPTED_EXIT] * len(procs)
+
+
+def stop_and_resume(config: str, run, ranks: int, *args: str, command: str = "pretrain") -> int:
+    """Start the run, preempt it once 10 steps are logged, start it again to the end;
+    returns the step it had stopped at."""
+    preempt(launch(config, ranks, *args, command=command), logged(run, 10))
     stopped = max(losses(run))
     assert finish(launch(config, ranks, *args, command=command)) == [0] * ranks
     return stopped
@@ -151,12 +161,7 @@ def test_signal_then_resume_gives_bitwise_same_losses_two_ranks(world, tmp_path)
 def test_resume_on_another_world_size(world, tmp_path):
     cfg = write_config(tmp_path, world, name="ws", engine={"steps": 60, "zero_stage": 2})
     run = tmp_path / "runs/ws"
-    procs = launch(cfg, 2)
-    while not (run / "log.jsonl").is_file() or len(losses(run)) < 30:
-        time.sleep(0.05)
-    for p in procs:
-        p.send_signal(signal.SIGUSR2)
-    assert finish(procs) == [PREEMPTED_EXIT] * 2
+    preempt(launch(cfg, 2), logged(run, 30))
     before = losses(run)
     stop = max(before)
     res = launch(cfg, 1)  # 2 ranks -> 1 rank
@@ -287,12 +292,7 @@ def test_run_folder_on_s3_resumes_on_a_fresh_node_bitwise(world, s3, tmp_path):
 
     cfg = s3_config(str(tmp_path / "node-a"))
     store = Store("s3://cmal/runs/s3ref", s3)
-    procs = launch(cfg, 2)
-    while len((store.read_text("log.jsonl") or "").splitlines()) < 11:
-        time.sleep(0.05)
-    for p in procs:
-        p.send_signal(signal.SIGUSR2)
-    assert finish(procs) == [PREEMPTED_EXIT] * 2
+    preempt(launch(cfg, 2), lambda: len((store.read_text("log.jsonl") or "").splitlines()) >= 11)
     stopped = store.newest_checkpoint()
     assert stopped is not None and int(stopped.removeprefix("step_")) < steps
     complete = [
