@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from cmal.config import Config, ConfigError, load_config, to_yaml
+from cmal.data.convert.readers import FORMATS
 from cmal.data.errors import DataError
 
 app = typer.Typer(
@@ -256,9 +257,6 @@ def data_world(
             typer.echo(f"shards {name:<16} {done.samples:>7} samples {done.anchors:>7} anchors")
 
 
-FORMATS = ("coco-captions", "vg", "vqa", "snli-ve", "nlvr2", "refcoco")
-
-
 @data_app.command("convert")
 @user_errors
 def data_convert(
@@ -267,13 +265,30 @@ def data_convert(
         ..., help="Region features: folder of npz, or BUTD/LXMERT/VinVL tsv."
     ),
     out: Path = typer.Option(..., help="Shard folder to write (must be new or empty)."),
-    classes: Path | None = typer.Option(None, help="Detector class list (one per line)."),
+    classes: Path | None = typer.Option(
+        None, help="Detector class list, one per line (objects_vocab.txt)."
+    ),
     attributes: Path | None = typer.Option(
         None,
         help="Attribute list (one per line): tags become '<attribute> <class>' from "
         "attrs_id (LXMERT tsv, npz).",
     ),
-    captions: Path | None = typer.Option(None, help="coco-captions: captions_<split>.json"),
+    synonyms: str = typer.Option(
+        "default", help="Synonym table: default, none, or a JSON file merged over the default."
+    ),
+    stoplist: str = typer.Option(
+        "default", help="Classes that are no concept: default, none, or a file (one per line)."
+    ),
+    labels: Path | None = typer.Option(
+        None, help="VinVL: the label tsv of a feature tsv (default: found beside it)."
+    ),
+    hw: Path | None = typer.Option(None, help="VinVL: the hw tsv (default: found beside it)."),
+    captions: Path | None = typer.Option(
+        None, help="coco-captions: captions_<split>.json; karpathy: dataset_<name>.json"
+    ),
+    splits: str = typer.Option(
+        "train,restval", help="karpathy: the splits to convert (train, restval, val, test)."
+    ),
     regions: Path | None = typer.Option(None, help="vg: region_descriptions.json"),
     questions: Path | None = typer.Option(None, help="vqa: questions json"),
     annotations: Path | None = typer.Option(None, help="vqa: annotations json (not for test-dev)"),
@@ -286,61 +301,94 @@ def data_convert(
     max_regions: int = typer.Option(36, help="Regions kept per image (highest confidence)."),
     on_bad_sample: str = typer.Option("error", help="error or skip (and count)"),
 ) -> None:
-    """Write MDS shards from a public annotation format joined with region features."""
-    from cmal.data.convert import (
-        SampleBuilder,
-        coco,
-        concept_names,
-        nlvr2,
-        read_classes,
-        refcoco,
-        snli_ve,
-        vg,
-        vqa,
-        write_shards,
-    )
+    """Write MDS shards from a public annotation format joined with region features, and
+    report the anchor coverage (also in OUT/anchor_stats.json)."""
+    from cmal.data.convert import SampleBuilder, read_aliases, read_classes, write_shards
+    from cmal.data.convert.readers import annotation_records
+    from cmal.data.coverage import report
     from cmal.data.features import FeatureSource
-    from cmal.model.anchors import ConceptVocab
+    from cmal.data.vocab import make_vocab
     from cmal.pretrained import load_tokenizer
-
-    def need(value, flag: str):
-        if value is None:
-            raise DataError(f"format {fmt} needs {flag}")
-        return value
 
     if on_bad_sample not in ("error", "skip"):
         raise DataError(f"--on-bad-sample must be error or skip, got {on_bad_sample!r}")
-    readers = {
-        "coco-captions": lambda: ("pretrain", coco.records(need(captions, "--captions"))),
-        "vg": lambda: ("pretrain", vg.records(need(regions, "--regions"))),
-        "vqa": lambda: ("vqa", vqa.records(need(questions, "--questions"), annotations)),
-        "snli-ve": lambda: ("ve", snli_ve.records(need(jsonl, "--jsonl"))),
-        "nlvr2": lambda: ("nlvr2", nlvr2.records(need(statements, "--json"))),
-        "refcoco": lambda: (
-            "rec",
-            refcoco.records(
-                need(refs, "--refs"), need(instances, "--instances"), need(split, "--split")
-            ),
-        ),
-    }
-    if fmt not in readers:
-        raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    task, records = readers[fmt]()
+    task, records = annotation_records(
+        fmt,
+        captions=captions, splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+        regions=regions, questions=questions, annotations=annotations, jsonl=jsonl,
+        statements=statements, refs=refs, instances=instances, split=split,
+    )  # fmt: skip
     names = read_classes(classes)
     attrs = read_classes(attributes)
     if attrs is not None and names is None:
         raise DataError("--attributes needs --classes (attribute tags name a class too)")
-    source = FeatureSource(features, names, attrs)
-    vocab = (
-        ConceptVocab(concept_names(names, attrs))
-        if names
-        else ConceptVocab(sorted({t for k in source.keys() for t in source[k].tags} - {""}))
-    )
+    source = FeatureSource(features, names, attrs, labels, hw)
+    hint = source.tag_source()
+    if hint:
+        typer.echo(f"warning: {hint}; without classes no sample has an anchor", err=True)
+    if names is None:
+        found = sorted({t for k in source.keys() for t in source[k].tags} - {""})
+        vocab = make_vocab(found, None, None, synonyms, stoplist)
+    else:
+        vocab = make_vocab(names, attrs, read_aliases(classes), synonyms, stoplist)
+    if len(vocab) == 0:
+        typer.echo(
+            "warning: the anchor vocabulary is empty: no sample can have an anchor", err=True
+        )
     builder = SampleBuilder(source, vocab, load_tokenizer(), max_text_len, max_regions)
     done = write_shards(records, builder, out, task, on_bad_sample)  # type: ignore[arg-type]
+    stats = done.coverage.summary()
     typer.echo(
         f"wrote {done.samples} samples ({done.anchors} anchors, {done.skipped} skipped) to {out}"
     )
+    for line in report(stats):
+        typer.echo(line)
+    if stats["share_with_anchor"] == 0:
+        typer.echo(
+            f"warning: no sample in {out} has an anchor: AMC and the associative prompt "
+            "learn nothing from it (see the classes and --synonyms / --stoplist above)",
+            err=True,
+        )
+
+
+@data_app.command("coverage")
+@user_errors
+def data_coverage(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="One of: " + ", ".join(FORMATS)),
+    classes: Path = typer.Option(..., help="Detector class list (objects_vocab.txt)."),
+    synonyms: str = typer.Option("default", help="Synonym table: default, none or a file."),
+    stoplist: str = typer.Option("default", help="Stop-list: default, none or a file."),
+    captions: Path | None = typer.Option(None, help="coco-captions / karpathy file"),
+    splits: str = typer.Option("train,restval", help="karpathy: the splits to read."),
+    regions: Path | None = typer.Option(None, help="vg: region_descriptions.json"),
+    questions: Path | None = typer.Option(None, help="vqa: questions json"),
+    jsonl: Path | None = typer.Option(None, help="snli-ve: snli_ve_<split>.jsonl"),
+    statements: Path | None = typer.Option(None, "--json", help="nlvr2: <split>.json"),
+    refs: Path | None = typer.Option(None, help="refcoco: refs(unc).p"),
+    instances: Path | None = typer.Option(None, help="refcoco: instances.json"),
+    split: str | None = typer.Option(None, help="refcoco: the split"),
+    limit: int = typer.Option(0, min=0, help="Read only the first N texts (0: all)."),
+) -> None:
+    """Anchor coverage of a data set's texts against a class list, before any features:
+    the share of texts naming at least one class (the most a detector can give)."""
+    import itertools
+
+    from cmal.data.convert import read_aliases, read_classes
+    from cmal.data.convert.readers import annotation_records
+    from cmal.data.coverage import report, text_coverage
+    from cmal.data.vocab import make_vocab
+
+    _, records = annotation_records(
+        fmt,
+        captions=captions, splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+        regions=regions, questions=questions, jsonl=jsonl, statements=statements, refs=refs,
+        instances=instances, split=split,
+    )  # fmt: skip
+    vocab = make_vocab(read_classes(classes), None, read_aliases(classes), synonyms, stoplist)
+    texts = (r.text for r in records)
+    cov = text_coverage(itertools.islice(texts, limit) if limit else texts, vocab)
+    for line in report(cov.summary(), "texts"):
+        typer.echo(line)
 
 
 @app.command("report")

@@ -149,6 +149,11 @@ class LossConfig:
     """Initial temperature of the contrastive softmax (learned)."""
 
 
+DEFAULT_CONCEPTS = 1601
+"""AMC classes of a model built before any shards said how many: Visual Genome's 1600
+detector classes + background."""
+
+
 @dataclass
 class ModelConfig:
     """The whole CMAL model."""
@@ -165,15 +170,22 @@ class ModelConfig:
     """Unified encoder."""
     losses: LossConfig = field(default_factory=LossConfig)
     """Pre-training losses."""
-    num_concepts: int = 1601
-    """Size of the anchor-concept vocabulary (AMC label space): the detector's classes after
-    synonym mapping (1600 Visual Genome classes + background by default)."""
+    num_concepts: int | None = None
+    """Size of the anchor-concept vocabulary (AMC label space). None: pre-training sets it
+    from the shards' ``concepts.json`` (the concepts their conversion found) and saves the
+    number in the run's config; a model built with it unset elsewhere (``cmal model
+    summary``, fine-tuning, which never reads the AMC head) sizes the head at
+    ``DEFAULT_CONCEPTS``."""
     max_text_len: int = 40
     """Text length (wordpieces, with [CLS] and [SEP]) used for FLOP estimates."""
     max_regions: int = 36
     """Regions per image used for FLOP estimates (and the unified position table)."""
     dropout: float = 0.1
     """Dropout in every Transformer layer and embedding."""
+
+    def amc_classes(self) -> int:
+        """The AMC head's size: ``num_concepts``, or ``DEFAULT_CONCEPTS`` while unset."""
+        return DEFAULT_CONCEPTS if self.num_concepts is None else self.num_concepts
 
 
 @dataclass
@@ -432,7 +444,7 @@ def _check_values(cfg: Config, source: str) -> None:
         "model.losses.amc",
         "AMC needs the prompt layer (model.prompt.enabled=true) to create its sites",
     )
-    need(m.num_concepts > 0, "model.num_concepts", "must be > 0")
+    need(m.num_concepts is None or m.num_concepts > 0, "model.num_concepts", "must be > 0")
     need(m.max_text_len <= m.text.max_positions, "model.max_text_len", "exceeds text.max_positions")
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     d = cfg.data

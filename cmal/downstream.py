@@ -64,12 +64,18 @@ def load_into(model: CMAL, weights: dict[str, torch.Tensor], source: str) -> Non
     must be there; pre-training-only ones are taken where present."""
     own = model.state_dict()
     missing = [k for k in own if k not in weights and not k.startswith(PRETRAIN_ONLY)]
-    wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    # A pre-training head of another size (AMC over another vocabulary) is not used here.
+    wrong = [
+        k
+        for k in own
+        if k in weights and weights[k].shape != own[k].shape and not k.startswith(PRETRAIN_ONLY)
+    ]
     if missing or wrong:
         what = f"{len(missing)} missing (e.g. {missing[:1]})" if missing else ""
         what += f" {len(wrong)} of another shape (e.g. {wrong[:1]})" if wrong else ""
         raise ConfigError(f"{source}: weights do not fit this model config: {what.strip()}")
-    model.load_state_dict({k: weights[k] for k in own if k in weights}, strict=False)
+    fits = {k: weights[k] for k in own if k in weights and weights[k].shape == own[k].shape}
+    model.load_state_dict(fits, strict=False)
 
 
 def _task_info(cfg: Config, task: Task, world, folder: Path) -> dict[str, Any]:

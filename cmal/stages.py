@@ -81,8 +81,11 @@ def announce(cfg: Config, world, folder: Path, quiet: bool) -> None:
         )
 
 
-def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool):
-    """Wrap ``module`` in the engine, resume the run's newest checkpoint, run the loop."""
+def train_module(
+    cfg: Config, world, module: nn.Module, force: bool, quiet: bool, start_info: dict | None = None
+):
+    """Wrap ``module`` in the engine, resume the run's newest checkpoint, run the loop
+    (``start_info`` goes into the log's start record)."""
     from cmal.data.stream import make_loader, open_dataset, release
     from cmal.engine.checkpoint import Checkpointer
     from cmal.engine.deepspeed import build_engine
@@ -130,8 +133,9 @@ def train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool
     observer = make_observer(cfg, world, module, folder / "log.jsonl")
     try:
         outcome = train(
-            engine, loader, cfg, world, ckpt, folder / "log.jsonl", start, evaluate, observer
-        )
+            engine, loader, cfg, world, ckpt, folder / "log.jsonl", start, evaluate, observer,
+            start_info,
+        )  # fmt: skip
     finally:
         observer.close()
     # Not on an error: its rank may be alone, and release() ends in a barrier.
@@ -157,18 +161,74 @@ def make_observer(cfg: Config, world, module: nn.Module, log: Path):
     )  # fmt: skip
 
 
+def read_beside(cfg: Config, name: str):
+    """A JSON file that conversion wrote beside the training shards (local or ``s3://``),
+    or None."""
+    import json
+
+    from cmal.engine.store import Store
+
+    remote = cfg.data.remote
+    if remote.startswith("s3://"):
+        text = Store(remote, cfg.data.s3_endpoint, field="data.remote").read_text(name)
+    else:
+        path = Path(remote) / name
+        text = path.read_text() if path.is_file() else None
+    return None if text is None else json.loads(text)
+
+
+def data_concepts(cfg: Config) -> dict | None:
+    """Size the AMC head from the shards' ``concepts.json``: ``model.num_concepts`` unset
+    takes its count; a value below it is an error that says what it must be. Returns the
+    shards' ``anchor_stats.json`` (None for shards written without one)."""
+    from cmal.config import ConfigError
+    from cmal.data.coverage import STATS_FILE, VOCAB_FILE
+
+    vocab = read_beside(cfg, VOCAB_FILE)
+    have = cfg.model.num_concepts
+    if vocab is None:
+        if have is None:
+            raise ConfigError(
+                f"model.num_concepts is unset and {cfg.data.remote} has no {VOCAB_FILE} "
+                "(shards written before it existed): set model.num_concepts to the number of "
+                "anchor concepts the shards were written with"
+            )
+    else:
+        n = len(vocab["concepts"])
+        if have is None:
+            cfg.model.num_concepts = n
+        elif have < n:
+            raise ConfigError(
+                f"model.num_concepts is {have} but {cfg.data.remote}/{VOCAB_FILE} has {n} "
+                f"anchor concepts: set model.num_concepts={n} (or leave it unset)"
+            )
+    return read_beside(cfg, STATS_FILE)
+
+
 def pretrain(cfg: Config, force: bool = False, quiet: bool = False):
     """Pre-train (or resume) the run named by ``cfg.name``; returns the loop's Outcome."""
     from cmal.engine.deepspeed import init_world
     from cmal.pretrained import build_model
 
+    stats = data_concepts(cfg)
     world = init_world(cfg)
     folder = run_dir(cfg)
     if world.is_main:
         save_config(cfg, folder)
     announce(cfg, world, folder, quiet)
+    facts = None
+    if stats is not None:
+        facts = {k: stats[k] for k in ("samples", "share_with_anchor", "anchors_per_sample")}
+        if world.is_main and not quiet:
+            print(
+                f"# data: {stats['samples']} samples, {100 * stats['share_with_anchor']:.1f}% "
+                f"with >= 1 anchor, {stats['anchors_per_sample']:.2f} anchors per sample, "
+                f"{cfg.model.num_concepts} AMC classes ({cfg.data.remote})",
+                file=sys.stderr,
+            )
     torch.manual_seed(cfg.seed)
-    return train_module(cfg, world, PretrainObjective(build_model(cfg.model)), force, quiet)
+    module = PretrainObjective(build_model(cfg.model))
+    return train_module(cfg, world, module, force, quiet, start_info={"data": facts})
 
 
 def newest_weights(run: str | Path) -> dict[str, torch.Tensor]:

@@ -89,7 +89,7 @@ def _confusion(model, cfg: Config, batches) -> np.ndarray | None:
 
     if not isinstance(getattr(model, "amc", None), ConceptClassifier):
         return None
-    c = cfg.model.num_concepts
+    c = cfg.model.amc_classes()
     matrix = np.zeros((c, c), np.int64)
     torch.manual_seed(0)
     for batch in batches:

@@ -31,7 +31,7 @@ def random_batch(cfg, n: int = 4, text_len: int = 12, regions: int = 6, seed: in
     text_mask[1, -3:] = False  # one padded caption
     region_mask = torch.ones(n, regions, dtype=torch.bool)
     region_mask[2, -2:] = False  # one image with fewer regions
-    concepts = torch.randint(0, cfg.num_concepts, (n, regions), generator=g)
+    concepts = torch.randint(0, cfg.amc_classes(), (n, regions), generator=g)
     text_pos = torch.tensor([[2, 5]] * n)
     region = torch.tensor([[0, 3]] * n)
     valid = torch.ones(n, 2, dtype=torch.bool)
@@ -53,7 +53,7 @@ def scene_batch(cfg, n: int = 4, regions: int = 5, mentions: int = 3, seed: int 
     is a fixed code vector plus noise, and the caption mentions some regions' concepts by
     a word of their own (the anchors), between filler words."""
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randn(cfg.num_concepts, cfg.visual.feature_dim, generator=g)
+    codes = torch.randn(cfg.amc_classes(), cfg.visual.feature_dim, generator=g)
     concepts = torch.stack([torch.randperm(20, generator=g)[:regions] for _ in range(n)])
     feats = codes[concepts] + 0.1 * torch.randn(n, regions, cfg.visual.feature_dim, generator=g)
     text_len = 2 + 2 * mentions

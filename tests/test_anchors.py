@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from cmal.model.anchors import ConceptVocab, find_anchors, singular, split_words
+from cmal.data.language import SYNONYMS
+from cmal.model.anchors import (
+    ConceptVocab,
+    default_synonyms,
+    find_anchors,
+    singular,
+    split_words,
+)
 
 VOCAB = ConceptVocab(["dog", "cat", "car", "traffic light", "light", "person", "giraffe"])
 
@@ -93,7 +100,11 @@ def test_multi_wordpiece_word_with_real_tokenizer():
 
 
 def test_attribute_tags_match_synonyms_word_by_word():
-    vocab = ConceptVocab(["red circle", "blue circle", "red square", "cell phone"])
+    world_words = {w: shape for shape, ws in SYNONYMS.items() for w in ws}
+    vocab = ConceptVocab(
+        ["red circle", "blue circle", "red square", "cell phone"],
+        {**default_synonyms(), **world_words},
+    )
     words = split_words("Two red discs and a blue ring near a red block")
     starts = list(range(1, len(words) + 1))
     tags = ["blue circle", "red circle", "red square"]
@@ -109,3 +120,58 @@ def test_attribute_tags_match_synonyms_word_by_word():
     # An already canonical phrase is not mapped again word by word ("phone" -> "cell phone").
     assert vocab.canonical("cell phone") == "cell phone"
     assert vocab.canonical("mobile phones") == "cell phone"
+
+
+def _pairs(vocab: ConceptVocab, text: str, tags: list[str]) -> list[tuple[str, str]]:
+    words = split_words(text)
+    found = find_anchors(words, list(range(len(words))), tags, [0.9] * len(tags), vocab)
+    return [(words[p.text_pos], vocab.concepts[p.concept]) for p in found]
+
+
+def test_classes_that_share_a_name_share_one_concept():
+    vocab = ConceptVocab(["man", "woman", "person", "donut", "doughnut", "tv", "television"])
+    assert vocab.concepts == ["person", "donut", "television"]
+    assert vocab.classes_of()["person"] == ["man", "woman", "person"]
+    # A woman's region anchors "man" in the text: both are the concept person.
+    assert _pairs(vocab, "A man eats a doughnut", ["woman", "donut"]) == [
+        ("man", "person"),
+        ("doughnut", "donut"),
+    ]
+    # The rule is the synonym table: take man and woman out of it and they stay apart.
+    apart = ConceptVocab(["man", "woman", "person"], {**default_synonyms(), "man": None,
+                                                      "woman": None})  # fmt: skip
+    assert apart.concepts == ["man", "woman", "person"]
+    assert _pairs(apart, "A man and a woman", ["woman"]) == [("woman", "woman")]
+
+
+def test_stop_list_drops_classes_that_are_no_object():
+    vocab = ConceptVocab(["dog", "white", "2", "bad sentence", "and"], stoplist=["white", "2",
+                         "bad sentence", "and"])  # fmt: skip
+    assert vocab.concepts == ["dog"]
+    assert vocab.class_concept["white"] is None
+    assert _pairs(vocab, "a white dog and 2 cats", ["white", "dog", "2", "and"]) == [("dog", "dog")]
+
+
+def test_multi_word_possessive_and_hyphenated_classes_match_the_text():
+    vocab = ConceptVocab(["man's head", "t-shirt", "hot dog", "teddy bear", "tennis racket"])
+    tags = list(vocab.classes)
+    assert _pairs(vocab, "The man's head above a t-shirt", tags) == [
+        ("man", "person head"),
+        ("t", "t shirt"),
+    ]
+    assert _pairs(vocab, "two hot dogs, a Teddy Bear and a tennis racquet", tags) == [
+        ("hot", "hot dog"),
+        ("Teddy", "teddy bear"),
+        ("tennis", "tennis racket"),
+    ]
+    # A comma between the words of a name ends it.
+    assert _pairs(vocab, "hot, dog", tags) == []
+
+
+def test_other_names_on_a_class_line_map_to_the_class():
+    vocab = ConceptVocab(["stop sign", "car"], aliases={"stopsign": "stop sign"})
+    assert vocab.concept_id("stopsign") == vocab.concept_id("stop sign") == 0
+    assert _pairs(vocab, "a stopsign by a car", ["stop sign", "car"]) == [
+        ("stopsign", "stop sign"),
+        ("car", "car"),
+    ]

@@ -314,8 +314,8 @@ def test_attribute_tags_from_lxmert_attrs_id(tmp_path):
 def test_feature_file_errors(tmp_path):
     with pytest.raises(DataError, match="region features not found"):
         FeatureSource(tmp_path / "nope.tsv")
-    (tmp_path / "x.tsv").write_text("a\tb\tc\n")
-    with pytest.raises(DataError, match=r"x\.tsv: line 1 has 3 tab-separated fields"):
+    (tmp_path / "x.tsv").write_text("a\tb\tc\td\n")
+    with pytest.raises(DataError, match=r"x\.tsv: line 1 has 4 tab-separated fields"):
         FeatureSource(tmp_path / "x.tsv")
     with pytest.raises(DataError, match="pass the class list"):
         FeatureSource(write_lxmert(tmp_path / "l.tsv", ["1"]))

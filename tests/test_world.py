@@ -73,6 +73,29 @@ def test_world_files_are_in_the_public_formats(world):
     assert {r["split"] for r in refs} == {"train", "val", "testA", "testB"}
 
 
+def test_world_uses_the_releases_ids_and_fields(world):
+    """The same fields and id forms as the fixtures of tests/test_formats.py (the real
+    releases), so the demo runs the converters' real-data paths."""
+    caps = json.loads((world / "coco/captions_train.json").read_text())
+    image = caps["images"][0]
+    assert {"info", "licenses"} <= caps.keys()
+    assert image["file_name"] == f"COCO_train2014_{image['id']:012d}.jpg"
+    keys = [line.split("\t", 1)[0] for line in (world / "features/det.tsv").open()]
+    assert image["file_name"].removesuffix(".jpg") in keys  # LXMERT keys by file stem
+    ve = json.loads((world / "snli_ve/snli_ve_dev.jsonl").read_text().splitlines()[0])
+    assert ve["Flikr30kID"].endswith(".jpg") and ve["pairID"].startswith(ve["Flikr30kID"] + "#")
+    assert {"captionID", "annotator_labels", "sentence1"} <= ve.keys()
+    qs = json.loads((world / "vqa/v2_OpenEnded_mscoco_val_questions.json").read_text())
+    assert qs["task_type"] == "Open-Ended" and qs["data_type"] == "mscoco"
+    for name in ("pretrain/train", "ve/dev", "nlvr2/dev", "rec_det/testA"):
+        stats = json.loads((world / "shards" / name / "anchor_stats.json").read_text())
+        assert stats["samples"] > 0 and 0 < stats["share_with_anchor"] <= 1
+        vocab = json.loads((world / "shards" / name / "concepts.json").read_text())
+        assert len(vocab["concepts"]) == 48 and vocab["classes"]["red circle"] == "red circle"
+    # The world's shape words come from its own synonyms.json, not from the shipped table.
+    assert json.loads((world / "synonyms.json").read_text())["disc"] == "circle"
+
+
 def test_less_data_subsets_are_nested_quarters_and_halves(world):
     from streaming import StreamingDataset
 

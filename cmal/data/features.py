@@ -6,27 +6,32 @@
   attribute list too, ``attrs_id`` prefixes each tag: "red car", VinVL-style), or the original
   bottom-up-attention 6 fields ``image_id image_w image_h num_boxes boxes features``
   (no tags, so no anchors).
-- **VinVL tsv**: ``image_key <tab> json`` with ``{"image_w", "image_h", "objects": [{"rect":
-  [x1,y1,x2,y2], "class", "conf", "feature": base64 float32}]}``.
+- **VinVL tsv** in the layouts VinVL and Oscar release (see :mod:`cmal.data.vinvl`): the
+  detector's ``predictions.tsv`` (classes and features inside), or a ``*.feature.tsv``
+  with its ``*.label.tsv`` (and ``*.hw.tsv``) beside it.
 - **npz folder**: ``<key>.npz`` per image with ``features`` (R, F), ``boxes`` (R, 4) pixel
   x1,y1,x2,y2, ``image_w``, ``image_h``, and ``tags`` (R,) + ``confidences`` (R,), or
   ``objects_id`` + ``objects_conf`` with a class list (and optionally ``attrs_id`` with an
   attribute list).
 
-Every reader gives :class:`Regions` keyed by the image key as a string.
+Every reader gives :class:`Regions` keyed by the image key as a string. An annotation's
+image reference finds its features under any of the forms the releases use for one image
+(:func:`key_forms`): COCO's ``391895``, ``000000391895``, ``COCO_val2014_000000391895``
+and ``.jpg`` file names; Flickr30k's ``3416050480.jpg``; NLVR2's ``dev-850-0-img0.png``.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cmal.data import vinvl
 from cmal.data.errors import DataError
 
 LXMERT_FIELDS = [
@@ -85,11 +90,7 @@ def _regions(where: str, feats, boxes_px, w, h, tags, confs) -> Regions:
     )
 
 
-def _b64(text: str, dtype, where: str, field: str) -> np.ndarray:
-    try:
-        return np.frombuffer(base64.b64decode(text), dtype=dtype)
-    except (ValueError, TypeError) as e:
-        raise DataError(f"{where}: {field}: not base64 of {np.dtype(dtype).name} ({e})") from None
+_b64 = vinvl.b64_array
 
 
 def encode_b64(array: np.ndarray) -> str:
@@ -118,6 +119,23 @@ def lxmert_line(
     return "\t".join(fields) + "\n"
 
 
+_IMAGE_EXT = re.compile(r"\.(jpe?g|png|gif|bmp|webp|npz)$", re.IGNORECASE)
+_COCO_NAME = re.compile(r"(?:COCO_[A-Za-z]+\d{4}_)?0*(\d+)")
+
+
+def key_forms(key: str) -> list[str]:
+    """The forms one image's key takes across releases, most specific first: the key, its
+    file stem, and for a numeric COCO / Flickr name the bare number ("COCO_val2014_
+    000000391895.jpg" -> "COCO_val2014_000000391895" -> "391895")."""
+    forms = [key]
+    stem = _IMAGE_EXT.sub("", key.rsplit("/", 1)[-1])
+    forms.append(stem)
+    m = _COCO_NAME.fullmatch(stem)
+    if m:
+        forms.append(m.group(1) or "0")
+    return list(dict.fromkeys(forms))
+
+
 class FeatureSource:
     """Random access to region features by image key, from any supported format."""
 
@@ -126,6 +144,8 @@ class FeatureSource:
         path: str | Path,
         classes: list[str] | None = None,
         attributes: list[str] | None = None,
+        labels: str | Path | None = None,
+        hw: str | Path | None = None,
     ):
         self.path = Path(path)
         self.classes = classes
@@ -133,34 +153,57 @@ class FeatureSource:
         """When given, each region's tag is "<attribute> <class>" (LXMERT tsv and npz
         with ``attrs_id``): anchors then bind attribute and object together."""
         self._offsets: dict[str, int] = {}
+        self._forms: dict[str, str | None] | None = None
+        self.labels: _Rows | None = None
+        self.hw: _Rows | None = None
         if self.path.is_dir():
             self.kind = "npz"
         elif self.path.is_file():
             self._index_tsv()
         else:
             raise DataError(f"region features not found: {self.path}")
+        if self.kind == "vinvl":
+            found = labels or vinvl.sibling(self.path, "label")
+            self.labels = _Rows(Path(found)) if found else None
+            found = hw or vinvl.sibling(self.path, "hw")
+            self.hw = _Rows(Path(found)) if found else None
+        elif labels is not None or hw is not None:
+            raise DataError(f"{self.path}: --labels / --hw go with a VinVL feature tsv only")
 
     def _index_tsv(self) -> None:
         """Byte offset of every image's line, so lookups read one line."""
-        with open(self.path, "rb") as f:
-            first = f.readline().rstrip(b"\r\n").split(b"\t")
-            n = len(first)
-            self.kind = {10: "lxmert", 6: "butd", 2: "vinvl"}.get(n)
-            if self.kind is None:
-                raise DataError(
-                    f"{self.path}: line 1 has {n} tab-separated fields; expected 10 (LXMERT), "
-                    "6 (bottom-up-attention) or 2 (VinVL key + json)"
-                )
-            f.seek(0)
-            offset = 0
-            for line in f:
-                key = line.split(b"\t", 1)[0].decode()
-                self._offsets[key] = offset
-                offset += len(line)
+        self._offsets, n = _index(self.path)
+        self.kind = {10: "lxmert", 6: "butd", 2: "vinvl", 3: "vinvl"}.get(n)
+        if self.kind is None:
+            raise DataError(
+                f"{self.path}: line 1 has {n} tab-separated fields; expected 10 (LXMERT), "
+                "6 (bottom-up-attention) or 2-3 (VinVL)"
+            )
         if self.kind == "lxmert" and self.classes is None:
             raise DataError(
                 f"{self.path}: LXMERT tsv stores class ids; pass the class list (--classes)"
             )
+
+    def tag_source(self) -> str | None:
+        """None when the regions carry detector classes; else why they do not and which
+        flag or file would give them (the words of the converter's warning)."""
+        if self.kind == "butd":
+            return (
+                f"{self.path} is a bottom-up-attention 6-field tsv, which stores no object "
+                "classes: use the LXMERT 10-field tsv of the same detector (objects_id) with "
+                "--classes objects_vocab.txt, a VinVL tsv, or `cmal extract`"
+            )
+        if self.kind == "npz" and not self._npz_has_tags():
+            return (
+                f"the npz files in {self.path} have no 'tags' (or 'objects_id' with "
+                "--classes): write them with `cmal extract`, or add the detector's classes"
+            )
+        if self.kind == "vinvl" and self.labels is None and not self._vinvl_has_objects():
+            return (
+                f"{self.path} holds VinVL features without classes and no label file was "
+                "found beside it: pass --labels <split>.label.tsv"
+            )
+        return None
 
     def keys(self) -> list[str]:
         """Image keys available."""
@@ -168,23 +211,46 @@ class FeatureSource:
             return sorted(p.stem for p in self.path.glob("*.npz"))
         return list(self._offsets)
 
-    def __contains__(self, key: str) -> bool:
+    def _has(self, key: str) -> bool:
         if self.kind == "npz":
             return (self.path / f"{key}.npz").is_file()
         return key in self._offsets
 
+    def resolve(self, key: str) -> str | None:
+        """The source's own key for an annotation's image reference (see
+        :func:`key_forms`); None when there is none, or when two images share the form."""
+        if self._has(key):
+            return key
+        if self._forms is None:
+            self._forms = {}
+            for own in self.keys():
+                for form in key_forms(own)[1:]:
+                    self._forms[form] = None if self._forms.get(form, own) != own else own
+        for form in key_forms(key):
+            if self._has(form):
+                return form
+            if self._forms.get(form) is not None:
+                return self._forms[form]
+        return None
+
+    def __contains__(self, key: str) -> bool:
+        return self.resolve(key) is not None
+
     def __getitem__(self, key: str) -> Regions:
-        if key not in self:
-            raise DataError(f"{self.path}: no region features for image {key!r}")
+        own = self.resolve(key)
+        if own is None:
+            some = ", ".join(repr(k) for k in self.keys()[:3])
+            raise DataError(
+                f"{self.path}: no region features for image {key!r} (tried "
+                f"{', '.join(key_forms(key))}; the file's keys look like {some})"
+            )
         if self.kind == "npz":
-            return self._npz(key)
-        with open(self.path, "rb") as f:
-            f.seek(self._offsets[key])
-            fields = f.readline().decode().rstrip("\r\n").split("\t")
-        where = f"{self.path} (image {key})"
-        return {"lxmert": self._lxmert, "butd": self._butd, "vinvl": self._vinvl}[self.kind](
-            fields, where
-        )
+            return self._npz(own)
+        fields = _Rows.read(self.path, self._offsets[own])
+        where = f"{self.path} (image {own})"
+        if self.kind == "vinvl":
+            return self._vinvl(own, fields, where)
+        return {"lxmert": self._lxmert, "butd": self._butd}[self.kind](fields, where)
 
     def _tags(self, class_ids, attr_ids, where: str) -> list[str]:
         names = [_lookup(self.classes, int(i), where, "class") for i in class_ids]
@@ -198,7 +264,7 @@ class FeatureSource:
     def _lxmert(self, f: list[str], where: str) -> Regions:
         if len(f) != 10:
             raise DataError(f"{where}: expected 10 fields, got {len(f)}")
-        n = int(f[7])
+        n = vinvl.count(f[7], where, "num_boxes")
         feats = _b64(f[9], np.float32, where, "features")
         if feats.size % max(n, 1):
             raise DataError(f"{where}: features: {feats.size} floats do not split into {n} regions")
@@ -207,42 +273,82 @@ class FeatureSource:
         return _regions(
             where,
             feats.reshape(n, -1),
-            _b64(f[8], np.float32, where, "boxes").reshape(-1, 4),
-            float(f[2]),
-            float(f[1]),
+            _boxes(f[8], where),
+            _size(f[2], where, "img_w"),
+            _size(f[1], where, "img_h"),
             self._tags(ids, attrs, where),
             _b64(f[4], np.float32, where, "objects_conf"),
         )
 
     def _butd(self, f: list[str], where: str) -> Regions:
-        n = int(f[3])
+        if len(f) != 6:
+            raise DataError(f"{where}: expected 6 fields, got {len(f)}")
+        n = vinvl.count(f[3], where, "num_boxes")
         feats = _b64(f[5], np.float32, where, "features")
         if feats.size % max(n, 1):
             raise DataError(f"{where}: features: {feats.size} floats do not split into {n} regions")
-        boxes = _b64(f[4], np.float32, where, "boxes").reshape(-1, 4)
         return _regions(
-            where, feats.reshape(n, -1), boxes, float(f[1]), float(f[2]), [""] * n, np.ones(n)
-        )
+            where, feats.reshape(n, -1), _boxes(f[4], where),
+            _size(f[1], where, "image_w"), _size(f[2], where, "image_h"), [""] * n, np.ones(n),
+        )  # fmt: skip
 
-    def _vinvl(self, f: list[str], where: str) -> Regions:
+    def _npz_has_tags(self) -> bool:
+        first = next(iter(sorted(self.path.glob("*.npz"))), None)
+        if first is None:
+            return True  # no file: the conversion's own error says so
         try:
-            data = json.loads(f[1])
-            objs = data["objects"]
-            feats = [_b64(o["feature"], np.float32, where, "feature") for o in objs]
-            dims = {len(x) for x in feats}
-            if len(dims) > 1:
-                raise DataError(f"{where}: feature: regions have different sizes {sorted(dims)}")
-            return _regions(
-                where,
-                np.stack(feats) if feats else np.zeros((0, 0), np.float32),
-                [o["rect"] for o in objs],
-                float(data["image_w"]),
-                float(data["image_h"]),
-                [o["class"] for o in objs],
-                [float(o["conf"]) for o in objs],
+            names = np.load(first, allow_pickle=False).files
+        except (ValueError, OSError, EOFError):
+            return True  # unreadable: the conversion names the file
+        return "tags" in names or ("objects_id" in names and self.classes is not None)
+
+    def _vinvl_has_objects(self) -> bool:
+        first = next(iter(self._offsets), None)
+        if first is None:
+            return False
+        fields = _Rows.read(self.path, self._offsets[first])
+        return isinstance(vinvl.features_of(fields, f"{self.path} (image {first})"), dict)
+
+    def _vinvl(self, key: str, f: list[str], where: str) -> Regions:
+        got = vinvl.features_of(f, where)
+        if isinstance(got, dict):  # predictions.tsv: everything in one row
+            objs, size = vinvl.objects_of(got, where)
+            if size is None:
+                raise DataError(f"{where}: missing field 'image_w' / 'image_h'")
+            feats = [
+                _b64(vinvl.field(o, "feature", where), np.float32, where, "feature") for o in objs
+            ]
+            return self._from_objects(where, vinvl.stack(feats, where), objs, size)
+        feats = got
+        if self.labels is None:
+            n = len(feats)
+            return _regions(where, feats, np.zeros((n, 4)), 1.0, 1.0, [""] * n, np.ones(n))
+        lwhere = f"{self.labels.path} (image {key})"
+        objs, size = vinvl.objects_of(
+            vinvl.json_field(self.labels.row(key, lwhere)[1], lwhere), lwhere
+        )
+        if len(objs) != len(feats):
+            raise DataError(
+                f"{lwhere}: {len(objs)} objects, but {self.path} has {len(feats)} boxes for this "
+                "image; VinVL pairs them by position, so both must come from one detector run"
             )
-        except (KeyError, json.JSONDecodeError, TypeError) as e:
-            raise DataError(f"{where}: malformed VinVL record ({type(e).__name__}: {e})") from None
+        if size is None:
+            if self.hw is None:
+                raise DataError(
+                    f"{lwhere}: no image size in the label row and no hw file beside "
+                    f"{self.path}: pass --hw <split>.hw.tsv"
+                )
+            hwhere = f"{self.hw.path} (image {key})"
+            size = vinvl.size_of(self.hw.row(key, hwhere)[1], hwhere)
+        return self._from_objects(lwhere, feats, objs, size)
+
+    def _from_objects(self, where: str, feats, objs: list, size) -> Regions:
+        return _regions(
+            where, feats, [vinvl.field(o, "rect", where) for o in objs],
+            _size(size[0], where, "image_w"), _size(size[1], where, "image_h"),
+            [vinvl.field(o, "class", where) for o in objs],
+            [_size(vinvl.field(o, "conf", where), where, "conf") for o in objs],
+        )  # fmt: skip
 
     def _npz(self, key: str) -> Regions:
         path = self.path / f"{key}.npz"
@@ -271,8 +377,69 @@ class FeatureSource:
             )
         except KeyError as e:
             raise DataError(f"{where}: missing array {e}") from None
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError) as e:
             raise DataError(f"{where}: not a readable npz file ({e})") from None
+
+
+class _Rows:
+    """A keyed tsv beside the features (VinVL's label and hw files), indexed on first use."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise DataError(f"file not found: {path}")
+        self.path = path
+        self._offsets: dict[str, int] | None = None
+
+    def row(self, key: str, where: str) -> list[str]:
+        if self._offsets is None:
+            self._offsets, _ = _index(self.path)
+        if key not in self._offsets:
+            raise DataError(f"{where}: no row for this image")
+        fields = self.read(self.path, self._offsets[key])
+        if len(fields) < 2:
+            raise DataError(f"{where}: expected key <tab> json, got {len(fields)} field(s)")
+        return fields
+
+    @staticmethod
+    def read(path: Path, offset: int) -> list[str]:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            line = f.readline()
+        try:
+            return line.decode().rstrip("\r\n").split("\t")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: byte {offset}: not UTF-8 text ({e})") from None
+
+
+def _index(path: Path) -> tuple[dict[str, int], int]:
+    """Byte offset of every key's line, and the field count of the first line."""
+    offsets: dict[str, int] = {}
+    n = 0
+    with open(path, "rb") as f:
+        offset = 0
+        for line in f:
+            if offset == 0:
+                n = len(line.rstrip(b"\r\n").split(b"\t"))
+            if line.strip():
+                offsets[line.split(b"\t", 1)[0].decode(errors="replace")] = offset
+            offset += len(line)
+    if not offsets:
+        raise DataError(f"{path}: empty file")
+    return offsets, n
+
+
+def _size(value, where: str, field: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {field} should be a number, got {value!r}") from None
+
+
+def _boxes(text: str, where: str) -> np.ndarray:
+    flat = _b64(text, np.float32, where, "boxes")
+    if flat.size % 4:
+        raise DataError(f"{where}: boxes: {flat.size} floats are not whole (x1, y1, x2, y2) boxes")
+    return flat.reshape(-1, 4)
 
 
 def _lookup(names: list[str], i: int, where: str, what: str) -> str:

@@ -4,18 +4,26 @@ RefCOCO+.
 
 Layout under ``out``::
 
-    images/<key>.jpg                      rendered images (COCO-style integer keys; NLVR2
-                                          pairs as <split>-<n>-0-img0/img1)
+    images/<key>.jpg                      rendered images named as COCO 2014 names them
+                                          (COCO_train2014_000000000042.jpg; the image id is
+                                          42); NLVR2 pairs as <split>-<n>-0-img0/img1
     features/det.tsv                      simulated detector regions (noisy boxes and tags),
-                                          LXMERT tsv format, class ids into classes.txt
+                                          LXMERT tsv format keyed by file stem as LXMERT's
+                                          are, class ids into classes.txt
     features/gt.tsv                       ground-truth boxes as regions (REC gt setting)
     classes.txt, attributes.txt           the detector's class and attribute lists
+    synonyms.json                         the world's shape words (disc, block, ...), merged
+                                          over the shipped synonym table
     coco/captions_{train,val}.json        pre-training pairs (COCO captions format)
     vqa/v2_OpenEnded_mscoco_<s>_questions.json, vqa/v2_mscoco_<s>_annotations.json
     snli_ve/snli_ve_{train,dev,test}.jsonl
     nlvr2/{train,dev,test1}.json          one JSON object per line, as NLVR2 ships it
     refcoco+/refs(unc).p, refcoco+/instances.json
     world.json                            seed, counts and the noise settings
+
+Every file has the fields of its release (checked against the datasets' own readers, see
+``tests/test_formats.py``); ids take their real forms: SNLI-VE's ``Flikr30kID`` is a file
+name (``"42.jpg"``), NLVR2's images ``dev-3-0-img0``, RefCOCO+'s refs a ``file_name``.
 
 Every image is generated from ``numpy.random.default_rng([seed, index])``, so the world
 is the same for a seed whatever the number of worker processes.
@@ -49,12 +57,15 @@ from cmal.data.scene import (
 )
 
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
-VERSION = 4
+VERSION = 5
 """Bumped whenever the same seed would give different files or shards (a workflow's
 world stage is redone when it changes). 2: colour attributes per region; 300 NLVR2 pairs per
 evaluation split at 2,000 images. 3: NLVR2 statements of three families per pair, as
 many false as true per family (:func:`cmal.data.language.statements`). 4: the 25%
-pre-training subset (``pretrain/train_25``) holds 25% of the images, not the 50% subset."""
+pre-training subset (``pretrain/train_25``) holds 25% of the images, not the 50% subset.
+5: the releases' layouts (COCO file names and feature keys, SNLI-VE ``Flikr30kID``, VQA's
+and RefCOCO+'s full records), ``synonyms.json``, and the shards' ``concepts.json`` /
+``anchor_stats.json``."""
 NLVR2_EVAL = 0.3
 """NLVR2 pairs in dev and in test1, each, per image of the world (0.1 per image before
 version 2 gave 100 statements per split at 2,000 images: too few to tell models apart)."""
@@ -124,7 +135,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     train_pairs = round(n // 2 * SPLITS["train"])
     held = max(2, round(n * NLVR2_EVAL / 2))
     pairs = train_pairs + 2 * held
-    jobs = [(str(i), i, out, cfg) for i in range(n)]
+    jobs = [(coco_stem(i, n), i, out, cfg) for i in range(n)]
     nlvr_keys = []
     for p in range(pairs):
         split = "train" if p < train_pairs else "dev" if p < train_pairs + held else "test1"
@@ -145,6 +156,8 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     rate = len(jobs) / (time.perf_counter() - start)
     (out / "classes.txt").write_text("\n".join(SHAPES) + "\n")
     (out / "attributes.txt").write_text("\n".join(ATTRIBUTES) + "\n")
+    words = {w: shape for shape, ws in language.SYNONYMS.items() for w in ws if w != shape}
+    (out / "synonyms.json").write_text(json.dumps(words, indent=1, sort_keys=True) + "\n")
 
     text_rng = np.random.default_rng([cfg.seed, 1_000_000_007])
     counts = _write_captions_vqa_ve(out, scenes[:n], text_rng)
@@ -164,8 +177,35 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     return counts
 
 
-def _coco_image(i: int) -> dict:
-    return {"id": i, "file_name": f"{i}.jpg", "width": IMAGE_SIZE, "height": IMAGE_SIZE}
+def coco_stem(i: int, n: int) -> str:
+    """COCO 2014's file stem of image ``i`` (train2014 for the training split, val2014 for
+    the held-out images, as VQA v2 and RefCOCO+ use COCO 2014)."""
+    part = "train" if _split_of(i, n) == "train" else "val"
+    return f"COCO_{part}2014_{i:012d}"
+
+
+def _coco_image(i: int, n: int) -> dict:
+    """An ``images`` entry with the fields of the COCO release."""
+    stem = coco_stem(i, n)
+    return {
+        "license": 1 + i % 8,
+        "file_name": f"{stem}.jpg",
+        "coco_url": f"http://images.cocodataset.org/{stem.split('_')[1]}/{stem}.jpg",
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "date_captured": "2013-11-14 11:18:45",
+        "flickr_url": "",
+        "id": i,
+    }
+
+
+def _coco_header(kind: str, subtype: str) -> dict:
+    """The top-level fields COCO and VQA files carry besides their records."""
+    return {
+        "info": {"description": f"scene world, {kind} in the COCO layout", "version": "1.0"},
+        "licenses": [{"id": k, "name": "generated", "url": ""} for k in range(1, 9)],
+        "data_subtype": subtype,
+    }
 
 
 def _dump(path: Path, obj) -> None:
@@ -181,7 +221,7 @@ def _write_captions_vqa_ve(out: Path, scenes: list[list[Obj]], rng) -> dict:
     for i, objs in enumerate(scenes):
         split = _split_of(i, n)
         cap_split = "train" if split == "train" else "val"
-        caps[cap_split]["images"].append(_coco_image(i))
+        caps[cap_split]["images"].append(_coco_image(i, n))
         for c in range(CAPTIONS_PER_IMAGE):
             text = language.caption(rng, objs)
             caps[cap_split]["annotations"].append(
@@ -207,20 +247,29 @@ def _write_captions_vqa_ve(out: Path, scenes: list[list[Obj]], rng) -> dict:
             )
         premise = language.caption(rng, objs)
         for h, (hyp, label) in enumerate(language.hypotheses(rng, objs)):
+            # The release's fields (necla-ml/SNLI-VE); the image field is spelt as there.
             ve[split].append(
                 {
-                    "Flickr30K_ID": str(i),
+                    "Flikr30kID": f"{i}.jpg",
+                    "annotator_labels": [label],
+                    "captionID": f"{i}.jpg#0",
+                    "gold_label": label,
+                    "pairID": f"{i}.jpg#0r{h}{label[0]}",
                     "sentence1": premise,
                     "sentence2": hyp,
-                    "gold_label": label,
-                    "pairID": f"{i}#{h}",
                 }
             )
     for s, data in caps.items():
-        _dump(out / "coco" / f"captions_{s}.json", data)
+        _dump(out / "coco" / f"captions_{s}.json", {**_coco_header("captions", f"{s}2014"), **data})
     for s in SPLITS:
-        _dump(out / "vqa" / f"v2_OpenEnded_mscoco_{s}_questions.json", {"questions": questions[s]})
-        _dump(out / "vqa" / f"v2_mscoco_{s}_annotations.json", {"annotations": annotations[s]})
+        head = {**_coco_header("VQA", f"{s}2014"), "data_type": "mscoco"}
+        _dump(
+            out / "vqa" / f"v2_OpenEnded_mscoco_{s}_questions.json",
+            {**head, "task_type": "Open-Ended", "questions": questions[s]},
+        )
+        _dump(
+            out / "vqa" / f"v2_mscoco_{s}_annotations.json", {**head, "annotations": annotations[s]}
+        )
         ve_name = {"train": "train", "val": "dev", "test": "test"}[s]
         (out / "snli_ve" / f"snli_ve_{ve_name}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in ve[s])
@@ -274,7 +323,7 @@ def _write_refcoco(out: Path, scenes: list[list[Obj]], rng) -> dict:
         if split == "test":  # UNC style: testA images are those mostly of group A
             in_a = sum(o.shape in group_a for o in objs)
             split = "testA" if 2 * in_a >= len(objs) else "testB"
-        images.append(_coco_image(i))
+        images.append(_coco_image(i, n))
         for k, o in enumerate(objs):
             ann_id += 1
             x1, y1, x2, y2 = o.box
@@ -286,6 +335,7 @@ def _write_refcoco(out: Path, scenes: list[list[Obj]], rng) -> dict:
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "area": (x2 - x1) * (y2 - y1),
                     "iscrowd": 0,
+                    "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
                 }
             )
             if (
@@ -306,7 +356,7 @@ def _write_refcoco(out: Path, scenes: list[list[Obj]], rng) -> dict:
                     "image_id": i,
                     "split": split,
                     "category_id": SHAPES.index(o.shape) + 1,
-                    "file_name": f"{i}.jpg",
+                    "file_name": f"{coco_stem(i, n)}_{ann_id}.jpg",
                     "sent_ids": [sent_id],
                     "sentences": [
                         {"sent_id": sent_id, "sent": text, "raw": text, "tokens": text.split()}

@@ -152,9 +152,10 @@ def train(
     start_step: int = 0,
     evaluate: Callable[[], dict[str, float]] | None = None,
     observer: Observer | None = None,
+    start_info: dict | None = None,
 ) -> Outcome:
     """Run optimizer steps from ``start_step`` to ``cfg.engine.steps``; each log record
-    also goes to ``observer`` (Prometheus)."""
+    also goes to ``observer`` (Prometheus); ``start_info`` joins the start record."""
     e = cfg.engine
     stop = StopFlag(cfg.checkpoint.signal)
     progress = Progress(e.steps, world.is_main)
@@ -167,7 +168,7 @@ def train(
             log.flush()
 
     write({"event": "start", "step": start_step, "world_size": world.size, "time": time.time(),
-           "job": os.environ.get("SLURM_JOB_ID", "local")})  # fmt: skip
+           "job": os.environ.get("SLURM_JOB_ID", "local"), **(start_info or {})})  # fmt: skip
     step, last, skips, grad_norm = start_step, {}, 0, float("nan")
     # Loss sums stay on the device between log steps: no host sync for them in the step.
     window: dict[str, torch.Tensor] = {}

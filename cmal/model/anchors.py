@@ -5,17 +5,27 @@ phrase, for multi-word tags) in the text. For every occurrence in the text we ke
 pair (text position, region slot): the text position is the first wordpiece of the first
 word of the occurrence, the region is the highest-confidence region carrying that concept.
 
-Normalisation, applied to tags and words alike: lower case, singular form (rules plus an
-irregular table), then the shipped synonym table (``synonyms.json``) maps to a canonical
-concept name: the whole phrase if the table has it, else word by word, so that attribute
-tags ("red car") match "red automobile" as well. Pure Python; the only file it reads is
-that table, shipped in the package.
+Normalisation, applied to tags and words alike (:meth:`ConceptVocab.canonical`): lower
+case; a possessive ``'s`` and hyphens dropped ("man's head" is "man head", "t-shirt" is
+"t shirt"); singular form per word (rules plus an irregular table); then the synonym table
+(``synonyms.json``, shipped) maps to a canonical concept name: the whole phrase if the
+table has it, else word by word, so that attribute tags ("red car") match "red automobile"
+as well.
+
+The rule that turns a detector's class list into anchor concepts (:class:`ConceptVocab`):
+every class whose normalised name is not in the stop-list (``stoplist.txt``, shipped: VG's
+numbers, colours, function words and abstract nouns) becomes its canonical name; classes
+with the same canonical name share one concept (donut and doughnut; man, woman, boy, ...,
+person under the shipped table). Concept ids number the distinct names in class order;
+they are the AMC labels. Pure Python; the only files it reads are those two, shipped in
+the package.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -79,8 +89,27 @@ def split_words(text: str) -> list[str]:
     return WORD_RE.findall(text)
 
 
+_JOINERS = {"'", "’", "-"}
+"""Marks that join the words of one name: a possessive ("man's", with the ``s`` after it
+dropped too) and a hyphen ("t-shirt"); any other mark ends a phrase."""
+
+
+def name_words(words: list[str]) -> list[int]:
+    """Indices of the words that take part in names: alphanumeric words, without the ``s``
+    of a possessive; joiners between words are skipped (they do not break a phrase)."""
+    kept: list[int] = []
+    for k, w in enumerate(words):
+        if w in _JOINERS:
+            continue
+        if w.lower() == "s" and k > 0 and words[k - 1] in {"'", "’"}:
+            continue
+        kept.append(k)
+    return kept
+
+
 def _norm(phrase: str) -> str:
-    return " ".join(singular(w) for w in split_words(phrase.lower()) if w.isalnum())
+    words = split_words(phrase.lower())
+    return " ".join(singular(words[k]) for k in name_words(words) if words[k].isalnum())
 
 
 @lru_cache(maxsize=1)
@@ -90,29 +119,60 @@ def default_synonyms() -> dict[str, str]:
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
+@lru_cache(maxsize=1)
+def default_stoplist() -> frozenset[str]:
+    """The shipped stop-list: detector classes that are not objects (one per line)."""
+    text = resources.files("cmal.model").joinpath("stoplist.txt").read_text()
+    return frozenset(read_names(text.splitlines()))
+
+
+def read_names(lines: Iterable[str]) -> list[str]:
+    """Non-empty lines that are not ``#`` comments, stripped."""
+    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+
+
 @dataclass
 class ConceptVocab:
-    """The anchor-concept vocabulary: the detector's class list after synonym mapping.
+    """The anchor-concept vocabulary: a detector's class list after normalisation, the
+    stop-list and synonym mapping (the rule is in the module docstring).
 
     Concept ids index ``concepts``; they are the AMC labels.
     """
 
-    concepts: list[str]
-    """Canonical concept names (normalised, singular), in id order."""
-    synonyms: dict[str, str] = field(default_factory=default_synonyms)
-    """Normalised word or phrase -> canonical concept name."""
+    classes: list[str]
+    """The detector's class names (its tags), in id order."""
+    synonyms: dict[str, str | None] = field(default_factory=default_synonyms)
+    """Word or phrase -> canonical concept name (None drops an entry)."""
+    stoplist: Iterable[str] = field(default_factory=default_stoplist)
+    """Class names that are no concept (compared after normalisation)."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Other names of a class (a tag or a phrase) -> that class: the names after the first
+    on a line of ``objects_vocab.txt`` ("stop sign,stopsign")."""
 
     def __post_init__(self) -> None:
-        self.synonyms = {_norm(k): _norm(v) for k, v in self.synonyms.items()}
+        self.synonyms = {_norm(k): _norm(v) for k, v in self.synonyms.items() if v is not None}
         self._targets = set(self.synonyms.values())
-        self.concepts = [self.canonical(c) for c in self.concepts]
+        self.stopped = {_norm(s) for s in self.stoplist}
+        for alias, cls in self.aliases.items():
+            target = self._class_name(cls)
+            if target is not None:
+                self.synonyms.setdefault(_norm(alias), target)
+        self.class_concept: dict[str, str | None] = {c: self._class_name(c) for c in self.classes}
+        self.concepts: list[str] = list(
+            dict.fromkeys(n for n in self.class_concept.values() if n is not None)
+        )
+        """Canonical concept names, in id order (first class that gives each)."""
         self.index = {c: i for i, c in enumerate(self.concepts)}
-        if len(self.index) != len(self.concepts):
-            dup = sorted({c for c in self.concepts if self.concepts.count(c) > 1})
-            raise ValueError(f"concept list maps several classes to the same concept: {dup}")
         # Longest phrase first, so "tv set" wins over "set".
         phrases = set(self.index) | {k for k, v in self.synonyms.items() if v in self.index}
         self.max_ngram = max((len(p.split()) for p in phrases), default=1)
+
+    def _class_name(self, cls: str) -> str | None:
+        norm = _norm(cls)
+        if not norm or norm in self.stopped:
+            return None
+        name = self.canonical(cls)
+        return None if name in self.stopped else name
 
     def canonical(self, phrase: str) -> str:
         """Normalise a tag or a phrase: lower case, singular per word, synonym table."""
@@ -126,6 +186,14 @@ class ConceptVocab:
     def concept_id(self, phrase: str) -> int | None:
         """Concept id of a tag or phrase, or None if it is not in the vocabulary."""
         return self.index.get(self.canonical(phrase))
+
+    def classes_of(self) -> dict[str, list[str]]:
+        """Concept name -> the classes that map to it (to report what merged)."""
+        out: dict[str, list[str]] = {}
+        for c, n in self.class_concept.items():
+            if n is not None:
+                out.setdefault(n, []).append(c)
+        return out
 
     def __len__(self) -> int:
         return len(self.concepts)
@@ -156,7 +224,8 @@ def find_anchors(
     token index of word k's first wordpiece (None when truncated away), ``tags`` and
     ``confidences`` the detector's output per region. Matching scans the caption left to
     right and takes the longest phrase (up to the vocabulary's longest n-gram) that maps to
-    a concept present among the tags; each occurrence gives one pair.
+    a concept present among the tags; a possessive or a hyphen inside a phrase does not end
+    it ("the man's head", "a t-shirt"). Each occurrence gives one pair.
     """
     if len(words) != len(word_starts):
         raise ValueError("words and word_starts must have the same length")
@@ -169,22 +238,23 @@ def find_anchors(
             best[cid] = (conf, region)
     if not best:
         return []
-    lowered = [w.lower() for w in words]
+    kept = name_words(words)
+    lowered = [words[k].lower() for k in kept]
     pairs: list[AnchorPair] = []
-    k = 0
-    while k < len(words):
+    j = 0
+    while j < len(kept):
         matched = 0
-        for n in range(min(vocab.max_ngram, len(words) - k), 0, -1):
-            span = lowered[k : k + n]
+        for n in range(min(vocab.max_ngram, len(kept) - j), 0, -1):
+            span = lowered[j : j + n]
             if not all(w.isalnum() for w in span):
                 continue
             cid = vocab.concept_id(" ".join(span))
             if cid is not None and cid in best:
-                if word_starts[k] is not None:
-                    pairs.append(AnchorPair(word_starts[k], best[cid][1], cid))
+                if word_starts[kept[j]] is not None:
+                    pairs.append(AnchorPair(word_starts[kept[j]], best[cid][1], cid))
                 matched = n
                 break
-        k += max(matched, 1)
+        j += max(matched, 1)
     return pairs
 
 

@@ -94,7 +94,7 @@ class CMAL(nn.Module):
         self.amc = None
         if losses.amc and cfg.prompt.enabled:
             concept = losses.amc_labels == "concept"
-            self.amc = ConceptClassifier(d, cfg.num_concepts) if concept else PairingPointer(d)
+            self.amc = ConceptClassifier(d, cfg.amc_classes()) if concept else PairingPointer(d)
         self.mlm = MaskedLMHead(d, cfg.text.vocab_size) if losses.mlm else None
         self.itm = MatchingHead(d) if losses.itm else None
         self.itc = ContrastiveHead(d, losses.itc_temperature) if losses.itc else None
@@ -185,7 +185,7 @@ class CMAL(nn.Module):
             # A random other sample: shift by 1..n-1, so never oneself.
             return (torch.arange(n, device=dev) + torch.randint(1, n, (n,), device=dev)) % n
         concepts = batch.region_concepts.clamp(min=0)
-        present = F.one_hot(concepts, self.cfg.num_concepts).float()
+        present = F.one_hot(concepts, self.cfg.amc_classes()).float()
         present = (present * (batch.region_concepts >= 0)[..., None]).amax(1)
         overlap = present @ present.t() + torch.rand(n, n, device=dev)  # random tie-break
         overlap.fill_diagonal_(-1.0)
@@ -265,7 +265,7 @@ class CMAL(nn.Module):
         if self.itc is not None:
             fwd += 2 * 2 * d * d + 2 * batch_size * d
         if isinstance(self.amc, ConceptClassifier):
-            fwd += amc_sites * 2 * (d * d + d * cfg.num_concepts)
+            fwd += amc_sites * 2 * (d * d + d * cfg.amc_classes())
         elif isinstance(self.amc, PairingPointer):
             # keys of every slot, a query per site, and each site scores about half the slots
             fwd += 2 * (lt + r) * d * d + amc_sites * 2 * (d * d + (lt + r) / 2 * d)

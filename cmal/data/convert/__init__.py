@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cmal.data.coverage import Coverage
 from cmal.data.errors import DataError
 from cmal.data.features import FeatureSource, Regions
 from cmal.data.schema import columns
@@ -82,14 +83,37 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
 
 
 def read_classes(path: str | Path | None) -> list[str] | None:
-    """A class list: one name per line (objects_vocab.txt style; ',' separates synonyms,
-    the first is kept)."""
+    """A class list: one name per line, id order (objects_vocab.txt style: ',' separates
+    other names of the class, the first is its name; see :func:`read_aliases`)."""
     if path is None:
         return None
+    return [names[0] for names in _class_lines(path)]
+
+
+def read_aliases(path: str | Path | None) -> dict[str, str]:
+    """The other names on a class-list line -> the line's first name (bottom-up-attention's
+    ``vg.py`` maps every name on a line to that line's class)."""
+    if path is None:
+        return {}
+    return {alias: names[0] for names in _class_lines(path) for alias in names[1:]}
+
+
+def _class_lines(path: str | Path) -> list[list[str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"class list not found: {path}")
-    return [line.split(",")[0].strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text file ({e})") from None
+    out = []
+    for line in lines:
+        names = [n.strip() for n in line.split(",") if n.strip()]
+        if names:
+            out.append(names)
+    if not out:
+        raise DataError(f"{path}: the class list is empty")
+    return out
 
 
 def concept_names(classes: list[str], attributes: list[str] | None = None) -> list[str]:
@@ -112,6 +136,8 @@ class Converted:
     """Samples skipped as bad (with ``on_bad_sample=skip``)."""
     anchors: int = 0
     """Anchor pairs over all samples."""
+    coverage: Coverage | None = None
+    """Anchor coverage of what was written (also in ``<out>/anchor_stats.json``)."""
 
 
 class SampleBuilder:
@@ -205,15 +231,18 @@ def write_shards(
     on_bad_sample: Literal["error", "skip"] = "error",
     size_limit: int = 1 << 24,
 ) -> Converted:
-    """Write the records as MDS shards (sha1 per shard) into ``out``."""
+    """Write the records as MDS shards (sha1 per shard) into ``out``, with the anchor
+    vocabulary (``concepts.json``) and its coverage (``anchor_stats.json``) beside them."""
     from streaming import MDSWriter
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; pick another --out")
     if out.exists() and any(out.iterdir()):
         raise DataError(
             f"{out}: shard folder exists and is not empty; remove it or pick another --out"
         )
-    done = Converted(str(out), 0)
+    done = Converted(str(out), 0, coverage=Coverage(builder.vocab))
     with MDSWriter(
         out=str(out), columns=columns(task), hashes=["sha1"], size_limit=size_limit
     ) as w:
@@ -228,6 +257,9 @@ def write_shards(
             w.write(sample)
             done.samples += 1
             done.anchors += len(sample["anchors"])
+            done.coverage.add(sample)
     if done.samples == 0:
         raise DataError(f"{out}: no sample was written (skipped {done.skipped}); check the inputs")
+    done.coverage.skipped = done.skipped
+    done.coverage.write(out)
     return done

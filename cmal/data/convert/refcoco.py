@@ -1,7 +1,11 @@
 """RefCOCO+ (``refs(unc).p`` + COCO ``instances.json``) -> referring-expression records.
 
-Each sentence of a ref in the chosen UNC split becomes a record whose target is the
-ref's annotation box, normalised by the image size from ``instances.json``.
+Read as the refer API reads them (lichengunc/refer, ``refer.py``): ``refs(unc).p`` is a
+pickle of ``{"ref_id", "ann_id", "image_id", "split", "category_id", "file_name",
+"sent_ids", "sentences": [{"sent_id", "sent", "raw", "tokens"}]}``, written by Python 2
+(its strings are byte strings: they are read as UTF-8); ``instances.json`` holds COCO's
+``images`` and ``annotations``. Each sentence of a ref in the chosen split becomes a record
+whose target is the ref's annotation box, normalised by the image size.
 """
 
 from __future__ import annotations
@@ -16,7 +20,30 @@ from cmal.data.boxes import xywh_to_xyxy
 from cmal.data.convert import Record, get, load_json
 from cmal.data.errors import DataError
 
-SPLITS = ("train", "val", "testA", "testB")
+UNC_SPLITS = ("train", "val", "testA", "testB")
+"""RefCOCO / RefCOCO+ splits by UNC."""
+SPLITS = (*UNC_SPLITS, "test")
+"""Every split a refs file may hold (``test``: RefCOCOg's, by UMD)."""
+
+
+def load_refs(path: Path):
+    """The refs pickle, Python 2's byte strings decoded as UTF-8."""
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        return _text(pickle.loads(path.read_bytes(), encoding="bytes"))
+    except Exception as e:  # any unpickling failure means the same thing to the user
+        raise DataError(f"{path}: not a readable refs pickle ({type(e).__name__}: {e})") from None
+
+
+def _text(obj):
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", errors="replace")
+    if isinstance(obj, dict):
+        return {_text(k): _text(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_text(v) for v in obj]
+    return obj
 
 
 def records(refs: str | Path, instances: str | Path, split: str) -> Iterator[Record]:
@@ -24,12 +51,9 @@ def records(refs: str | Path, instances: str | Path, split: str) -> Iterator[Rec
     if split not in SPLITS:
         raise DataError(f"RefCOCO+ split must be one of {SPLITS}, got {split!r}")
     refs = Path(refs)
-    if not refs.is_file():
-        raise DataError(f"annotation file not found: {refs}")
-    try:
-        ref_list = pickle.loads(refs.read_bytes())
-    except Exception as e:  # any unpickling failure means the same thing to the user
-        raise DataError(f"{refs}: not a readable refs pickle ({type(e).__name__}: {e})") from None
+    ref_list = load_refs(refs)
+    if not isinstance(ref_list, list):
+        raise DataError(f"{refs}: expected a list of refs, got {type(ref_list).__name__}")
     inst = load_json(instances)
     sizes = {}
     for k, im in enumerate(get(inst, "images", list, str(instances))):

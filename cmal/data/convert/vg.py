@@ -1,8 +1,10 @@
 """Visual Genome region descriptions (``region_descriptions.json``) -> pre-training records.
 
-The file is a list of images, each ``{"id": image_id, "regions": [{"region_id", "image_id",
-"phrase", "x", "y", "width", "height"}]}``; every phrase becomes a text paired with the
-whole image's detector regions.
+Read as the Visual Genome python driver reads it (``local.py``,
+``GetAllRegionDescriptions``): a list of images, each ``{"id": image_id, "regions":
+[{"region_id", "image_id", "phrase", "x", "y", "width", "height"}]}`` (some releases name
+the image ``image_id``); every phrase becomes a text paired with the whole image's
+detector regions.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def records(regions: str | Path, min_words: int = 2) -> Iterator[Record]:
         raise DataError(f"{regions}: expected a list of images")
     for k, image in enumerate(data):
         where = f"{regions}: [{k}]"
-        key = str(get(image, "id", (int, str), where))
+        name = "id" if not isinstance(image, dict) or "id" in image else "image_id"
+        key = str(get(image, name, (int, str), where))
         for j, reg in enumerate(get(image, "regions", list, where)):
             rwhere = f"{where}.regions[{j}]"
             phrase = get(reg, "phrase", str, rwhere).strip()

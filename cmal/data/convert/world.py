@@ -10,7 +10,6 @@ from cmal.data.convert import (
     Record,
     SampleBuilder,
     coco,
-    concept_names,
     nlvr2,
     read_classes,
     refcoco,
@@ -19,7 +18,7 @@ from cmal.data.convert import (
     write_shards,
 )
 from cmal.data.features import FeatureSource
-from cmal.model.anchors import ConceptVocab
+from cmal.data.vocab import make_vocab
 
 FRACTIONS = (25, 50)
 """Percentages of the pre-training images kept in the subsets ``pretrain/train_<pct>``."""
@@ -54,7 +53,7 @@ def convert_world(
     w, out = Path(world), Path(out)
     classes = read_classes(w / "classes.txt")
     attributes = read_classes(w / "attributes.txt") if attribute_tags else None
-    vocab = ConceptVocab(concept_names(classes, attributes))
+    vocab = make_vocab(classes, attributes, synonyms=w / "synonyms.json")
 
     def builder(kind: str) -> SampleBuilder:
         return SampleBuilder(
@@ -82,7 +81,7 @@ def convert_world(
         jobs[f"ve/{s}"] = ("ve", det, snli_ve.records(w / f"snli_ve/snli_ve_{s}.jsonl"))
     for s in ("train", "dev", "test1"):
         jobs[f"nlvr2/{s}"] = ("nlvr2", det, nlvr2.records(w / f"nlvr2/{s}.json"))
-    for s in refcoco.SPLITS:
+    for s in refcoco.UNC_SPLITS:
         refs, inst = w / "refcoco+/refs(unc).p", w / "refcoco+/instances.json"
         jobs[f"rec_gt/{s}"] = ("rec", gt, refcoco.records(refs, inst, s))
         jobs[f"rec_det/{s}"] = ("rec", det, refcoco.records(refs, inst, s))
