@@ -17,6 +17,7 @@ import typer
 from cmal.config import Config, ConfigError, load_config, to_yaml
 from cmal.data.convert.readers import FORMATS
 from cmal.data.errors import DataError
+from cmal.errors import RunError
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__
@@ -38,7 +39,8 @@ Overrides = typer.Argument(None, help="Dotted overrides, e.g. model.unified.laye
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors meant for users into one line on stderr and exit code 2."""
+    """Turn the errors meant for users into one line on stderr and exit code 2 (bad config
+    or data) or 4 (a run stopped: a full disk, a run folder in use)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,6 +49,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (ConfigError, DataError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except RunError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
 
     return wrapper
 
@@ -303,7 +308,13 @@ def data_convert(
 ) -> None:
     """Write MDS shards from a public annotation format joined with region features, and
     report the anchor coverage (also in OUT/anchor_stats.json)."""
-    from cmal.data.convert import SampleBuilder, read_aliases, read_classes, write_shards
+    from cmal.data.convert import (
+        SampleBuilder,
+        check_out,
+        read_aliases,
+        read_classes,
+        write_shards,
+    )
     from cmal.data.convert.readers import annotation_records
     from cmal.data.coverage import report
     from cmal.data.features import FeatureSource
@@ -312,6 +323,7 @@ def data_convert(
 
     if on_bad_sample not in ("error", "skip"):
         raise DataError(f"--on-bad-sample must be error or skip, got {on_bad_sample!r}")
+    check_out(out)
     task, records = annotation_records(
         fmt,
         captions=captions, splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
@@ -463,13 +475,43 @@ def extract_cmd(
         typer.echo(f"  skipped {why}")
 
 
+def _click_error(name: str) -> type[Exception]:
+    """A click exception class, from the click that typer uses (its own or PyPI's)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run one command line; returns its exit status. A usage error (a missing option, a
+    value of the wrong type) is one line on stderr, as every other user error is."""
+    usage, click_error = _click_error("UsageError"), _click_error("ClickException")
+    try:
+        code = app(args=argv, prog_name="cmal", standalone_mode=False)
+    except usage as e:
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":  # `cmal data`: its help, as asked
+            typer.echo(e.format_message())
+            return 0
+        where = ctx.command_path if ctx is not None else "cmal"
+        typer.echo(f"error: {e.format_message()} (see: {where} --help)", err=True)
+        code = e.exit_code
+    except click_error as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        code = e.exit_code
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        code = 130
+    return 0 if code is None else int(code)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
-        app(prog_name="cmal")
+        code = run()
     except SystemExit as done:
         close_world(done.code)
         raise
+    close_world(code)
+    sys.exit(code)
 
 
 def close_world(code: Any) -> None:

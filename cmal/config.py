@@ -605,7 +605,10 @@ def _fill(obj: Any, path: str | Path | None, overrides: list[str] | None) -> Any
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a :class:`Config`: defaults, then ``path`` (with its bases), then overrides."""
     cfg = _fill(Config(), path, overrides)
-    _check_values(cfg, str(path) if path else "defaults")
+    where = [str(path)] if path else []
+    if overrides:
+        where.append("command line")
+    _check_values(cfg, " + ".join(where) or "defaults")
     return cfg
 
 

@@ -116,6 +116,7 @@ def finetune(cfg: Config, force: bool = False, quiet: bool = False, evaluate: bo
     """Fine-tune on ``cfg.task.name`` from ``cfg.task.init_from``, then (``evaluate``)
     evaluate on ``task.eval_splits``; returns (outcome, metrics)."""
     from cmal.engine.deepspeed import init_world
+    from cmal.engine.lock import run_lock
     from cmal.pretrained import build_model
 
     if cfg.task.name is None:
@@ -124,24 +125,23 @@ def finetune(cfg: Config, force: bool = False, quiet: bool = False, evaluate: bo
     cfg.data.remote = _join(cfg.task.data_root, task.train_set)
     world = init_world(cfg)
     folder = run_dir(cfg)
-    if world.is_main:
-        _check_run_task(folder, task)
-        save_config(cfg, folder)
-    announce(cfg, world, folder, quiet)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
-    if cfg.task.init_from:
-        weights = pretrained_weights(cfg.task.init_from, cfg.data.s3_endpoint)
-        load_into(model, weights, cfg.task.init_from)
-    info = _task_info(cfg, task, world, folder)
-    module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
-    outcome = train_module(cfg, world, module, force, quiet)
-    if outcome.status == "done" and evaluate:
-        metrics = evaluate_module(
-            cfg, task, module, world, folder, cfg.task.eval_splits or task.eval_splits
-        )
-        return outcome, metrics
-    return outcome, {}
+    with run_lock(folder, world.rank, world.size):
+        if world.is_main:
+            _check_run_task(folder, task)
+            save_config(cfg, folder)
+        announce(cfg, world, folder, quiet)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model)
+        if cfg.task.init_from:
+            weights = pretrained_weights(cfg.task.init_from, cfg.data.s3_endpoint)
+            load_into(model, weights, cfg.task.init_from)
+        info = _task_info(cfg, task, world, folder)
+        module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
+        outcome = train_module(cfg, world, module, force, quiet)
+        if outcome.status == "done" and evaluate:
+            splits = cfg.task.eval_splits or task.eval_splits
+            return outcome, evaluate_module(cfg, task, module, world, folder, splits)
+        return outcome, {}
 
 
 def _check_run_task(folder: Path, task: Task) -> None:

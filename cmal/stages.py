@@ -183,7 +183,14 @@ def data_concepts(cfg: Config) -> dict | None:
     shards' ``anchor_stats.json`` (None for shards written without one)."""
     from cmal.config import ConfigError
     from cmal.data.coverage import STATS_FILE, VOCAB_FILE
+    from cmal.data.errors import DataError
 
+    remote = cfg.data.remote
+    if not remote.startswith("s3://") and not (Path(remote) / "index.json").is_file():
+        raise DataError(
+            f"data.remote: cannot open shards at {remote}: no index.json there (not a shard "
+            "folder? `cmal data convert` or `cmal data world` writes them)"
+        )
     vocab = read_beside(cfg, VOCAB_FILE)
     have = cfg.model.num_concepts
     if vocab is None:
@@ -208,27 +215,30 @@ def data_concepts(cfg: Config) -> dict | None:
 def pretrain(cfg: Config, force: bool = False, quiet: bool = False):
     """Pre-train (or resume) the run named by ``cfg.name``; returns the loop's Outcome."""
     from cmal.engine.deepspeed import init_world
+    from cmal.engine.lock import run_lock
     from cmal.pretrained import build_model
 
     stats = data_concepts(cfg)
     world = init_world(cfg)
     folder = run_dir(cfg)
-    if world.is_main:
-        save_config(cfg, folder)
-    announce(cfg, world, folder, quiet)
-    facts = None
-    if stats is not None:
-        facts = {k: stats[k] for k in ("samples", "share_with_anchor", "anchors_per_sample")}
-        if world.is_main and not quiet:
-            print(
-                f"# data: {stats['samples']} samples, {100 * stats['share_with_anchor']:.1f}% "
-                f"with >= 1 anchor, {stats['anchors_per_sample']:.2f} anchors per sample, "
-                f"{cfg.model.num_concepts} AMC classes ({cfg.data.remote})",
-                file=sys.stderr,
-            )
-    torch.manual_seed(cfg.seed)
-    module = PretrainObjective(build_model(cfg.model))
-    return train_module(cfg, world, module, force, quiet, start_info={"data": facts})
+    with run_lock(folder, world.rank, world.size):
+        if world.is_main:
+            save_config(cfg, folder)
+        announce(cfg, world, folder, quiet)
+        facts = None
+        if stats is not None:
+            facts = {k: stats[k] for k in ("samples", "share_with_anchor", "anchors_per_sample")}
+            if world.is_main and not quiet:
+                print(
+                    f"# data: {stats['samples']} samples, "
+                    f"{100 * stats['share_with_anchor']:.1f}% with >= 1 anchor, "
+                    f"{stats['anchors_per_sample']:.2f} anchors per sample, "
+                    f"{cfg.model.num_concepts} AMC classes ({cfg.data.remote})",
+                    file=sys.stderr,
+                )
+        torch.manual_seed(cfg.seed)
+        module = PretrainObjective(build_model(cfg.model))
+        return train_module(cfg, world, module, force, quiet, start_info={"data": facts})
 
 
 def newest_weights(run: str | Path) -> dict[str, torch.Tensor]:

@@ -36,12 +36,14 @@ import json
 import multiprocessing as mp
 import pickle
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cmal.data import language
+from cmal.data.errors import DataError
 from cmal.data.features import lxmert_line
 from cmal.data.scene import (
     ATTRIBUTES,
@@ -130,7 +132,7 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     for sub in ("images", "features", "coco", "vqa", "snli_ve", "nlvr2", "refcoco+"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if cfg.images < MIN_IMAGES:
-        raise ValueError(f"the scene world needs at least {MIN_IMAGES} images, got {cfg.images}")
+        raise DataError(f"the scene world needs at least {MIN_IMAGES} images, got {cfg.images}")
     n = cfg.images
     train_pairs = round(n // 2 * SPLITS["train"])
     held = max(2, round(n * NLVR2_EVAL / 2))
@@ -310,19 +312,52 @@ def _write_nlvr2(out: Path, keys: list[str], scenes: list[list[Obj]], rng) -> di
             rows[split].append(json.dumps(record))
     for split, lines in rows.items():
         (out / "nlvr2" / f"{split}.json").write_text("".join(line + "\n" for line in lines))
+    _need_every_split("nlvr2", {split: len(lines) for split, lines in rows.items()})
     return {"nlvr2_statements": sum(len(v) for v in rows.values())}
+
+
+def _test_sides(scenes: list[list[Obj]], group_a: set[str]) -> dict[int, str]:
+    """testA or testB for every test image, UNC style: testA images are those mostly of
+    group A (RefCOCO's "people"). When one side would get no image (a small world), the
+    test image with the most objects of that side's group moves to it, so both splits
+    exist at every size (a world whose test images fall on both sides is unchanged)."""
+    n = len(scenes)
+    sides = {}
+    for i, objs in enumerate(scenes):
+        if _split_of(i, n) == "test":
+            in_a = sum(o.shape in group_a for o in objs)
+            sides[i] = "testA" if 2 * in_a >= len(objs) else "testB"
+    for side, ours in (
+        ("testA", lambda o: o.shape in group_a),
+        ("testB", lambda o: o.shape not in group_a),
+    ):
+        others = [i for i, s in sides.items() if s != side]
+        if len(others) == len(sides) and len(others) > 1:
+            best = max(others, key=lambda i: (sum(map(ours, scenes[i])), -i))
+            sides[best] = side
+    return sides
+
+
+def _need_every_split(name: str, counts: dict[str, int]) -> None:
+    """A split without samples would fail later, at conversion, naming a file the user
+    never made: say it here, with what to do."""
+    empty = [s for s, k in counts.items() if k == 0]
+    if empty:
+        raise DataError(
+            f"this world is too small: {name} has no sample in {', '.join(empty)}; "
+            f"use more images (every size from {MIN_IMAGES} up worked for the seeds tried, "
+            "see MIN_IMAGES) or another seed"
+        )
 
 
 def _write_refcoco(out: Path, scenes: list[list[Obj]], rng) -> dict:
     n = len(scenes)
     group_a = {"circle", "star", "triangle"}  # plays the part of RefCOCO's "people" (testA)
+    sides = _test_sides(scenes, group_a)
     refs, anns, images = [], [], []
     ann_id = sent_id = 0
     for i, objs in enumerate(scenes):
-        split = _split_of(i, n)
-        if split == "test":  # UNC style: testA images are those mostly of group A
-            in_a = sum(o.shape in group_a for o in objs)
-            split = "testA" if 2 * in_a >= len(objs) else "testB"
+        split = sides.get(i, _split_of(i, n))
         images.append(_coco_image(i, n))
         for k, o in enumerate(objs):
             ann_id += 1
@@ -363,6 +398,8 @@ def _write_refcoco(out: Path, scenes: list[list[Obj]], rng) -> dict:
                     ],
                 }
             )
+    found = Counter(r["split"] for r in refs)
+    _need_every_split("refcoco+", {s: found[s] for s in ("train", "val", "testA", "testB")})
     (out / "refcoco+" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     categories = [{"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)]
     _dump(

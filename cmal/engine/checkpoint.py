@@ -8,7 +8,12 @@ process killed at any point leaves ``latest`` naming a complete checkpoint (or n
 
 Each checkpoint holds: DeepSpeed's engine state (module, optimizer, LR scheduler) under
 ``ds/``, every rank's RNG states, and ``state.json`` with the step, the data loader's
-state, the world size, the ZeRO stage and the resolved config with its hash.
+state, the world size, the ZeRO stage, the resolved config with its hash, and the size of
+every other file rank 0 sees in it. A checkpoint whose files do not match (truncated or
+deleted afterwards, by a full disk or a hand) is damaged: the newest undamaged one is
+used instead, and the start says which and why. A save that fails (a full disk) leaves
+``latest`` on the last complete checkpoint, removes its partial folder and stops the run
+with :class:`SaveError`, which says so.
 
 A run on ``s3://`` is saved the same way into its local mirror, then sent to the store
 (``cmal.engine.store``: files, then state.json, then ``latest``) before the save returns.
@@ -20,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from cmal.config import Config, ConfigError, config_hash, to_dict
-from cmal.engine.store import Store
+from cmal.engine.store import Store, StoreError
+from cmal.errors import RunError
 
 TAG = "ds"
 LATEST = "latest"
@@ -77,22 +84,75 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class SaveError(RunError):
+    """A checkpoint could not be written (a full disk, a failing store); the run stopped
+    and ``latest`` still names the last complete checkpoint."""
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when it is complete: renamed into
+    place, with a readable state.json, and (checkpoints from this version on) every file
+    it lists at the size it had when saved."""
+    if not path.name.startswith("step_"):
+        return "not a checkpoint folder"
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        return "state.json is missing"
+    except (OSError, ValueError) as e:
+        return f"state.json is unreadable ({type(e).__name__})"
+    for rel, size in state.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} of its {size} bytes"
+    return None
+
+
 def is_complete(path: Path) -> bool:
-    """A checkpoint folder that was renamed into place (so every part of it is there)."""
-    return path.name.startswith("step_") and (path / "state.json").is_file()
+    """A checkpoint folder that was renamed into place with every part of it there."""
+    return damage(path) is None
 
 
-def newest_complete(checkpoints: Path) -> Path | None:
-    """The checkpoint ``latest`` names if it is complete, else the newest complete folder."""
-    pointer = checkpoints / LATEST
-    if pointer.is_file():
-        named = checkpoints / pointer.read_text().strip()
-        if is_complete(named):
-            return named
+def newest_complete(checkpoints: Path, notes: list[str] | None = None) -> Path | None:
+    """The checkpoint ``latest`` names if it is complete, else the newest complete folder;
+    each damaged checkpoint passed over is described in ``notes``."""
     if not checkpoints.is_dir():
         return None
-    done = sorted(p for p in checkpoints.iterdir() if is_complete(p))
-    return done[-1] if done else None
+    pointer = checkpoints / LATEST
+    named = checkpoints / pointer.read_text().strip() if pointer.is_file() else None
+    found = (p for p in checkpoints.iterdir() if p.name.startswith("step_"))
+    candidates = sorted(found, reverse=True)
+    if named is not None and named in candidates:
+        candidates.remove(named)
+        candidates.insert(0, named)
+    for path in candidates:
+        why = damage(path)
+        if why is None:
+            return path
+        if notes is not None:
+            notes.append(f"{path.name} is damaged ({why})")
+    return None
+
+
+def _why(e: BaseException, folder: Path) -> str:
+    """A failed write in one line, with the free space of its disk (the usual cause)."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        return f"{type(e).__name__}: {text}"
+    full = "no space left on device, " if free < (64 << 20) else ""
+    return f"{full}{type(e).__name__}: {text} ({free / 1e6:.1f} MB free on that disk)"
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    return {
+        str(f.relative_to(folder)): f.stat().st_size
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != "state.json"
+    }
 
 
 class Checkpointer:
@@ -129,13 +189,23 @@ class Checkpointer:
                 if stale.name != tmp.name:
                     shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
-        engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
-        dist.barrier()
-        if self.store is not None and self.node_lead:
-            self.store.upload_tree(tmp, f"checkpoints/{final.name}", skip=("state.json",))
+        try:
+            engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
+            torch.save(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
+            failed = None
+        # A full disk or a lost mount: OSError, or torch's zip writer's RuntimeError
+        # ("unexpected pos"); every rank must hear of it.
+        except (OSError, RuntimeError) as e:
+            failed = _why(e, tmp)
+        self._agree(failed, step, tmp)
         if self.store is not None:
-            dist.barrier()  # every node's parts are up before state.json says "complete"
+            if self.node_lead:
+                try:
+                    self.store.upload_tree(tmp, f"checkpoints/{final.name}", skip=("state.json",))
+                except StoreError as e:
+                    failed = str(e)
+            self._agree(failed, step, tmp)  # every node's parts are up before state.json
+        failed = None
         if self.rank == 0:
             state = {
                 "step": step,
@@ -144,19 +214,52 @@ class Checkpointer:
                 "config_hash": self.hash,
                 "config": to_dict(self.cfg),
                 "data": data_state,
+                "files": _sizes(tmp),
             }
-            write_atomic(tmp / "state.json", json.dumps(state, indent=1))
-            if final.exists():  # the same step saved before (e.g. at the end after a resume)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            write_atomic(self.dir / LATEST, final.name + "\n")
+            try:
+                write_atomic(tmp / "state.json", json.dumps(state, indent=1))
+                if final.exists():  # the same step saved before (e.g. at the end, resumed)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.dir)
+                write_atomic(self.dir / LATEST, final.name + "\n")
+            except OSError as e:
+                failed = _why(e, tmp)
+        self._agree(failed, step, tmp)
+        if self.rank == 0:
             self._prune(keep=final.name)
             if self.store is not None:
-                self.store.publish(final, self.cfg.checkpoint.keep)
-                self.store.upload_top(self.dir.parent)
-        dist.barrier()
+                try:  # state.json, then latest: a failure here leaves the store's latest
+                    self.store.publish(final, self.cfg.checkpoint.keep)
+                    self.store.upload_top(self.dir.parent)
+                except StoreError as e:
+                    failed = str(e)
+        self._agree(failed, step, tmp)
         return final
+
+    def _agree(self, failed: str | None, step: int, tmp: Path) -> None:
+        """Every rank learns whether any rank failed to write its part; then all stop
+        together, with the partial folder removed, or all go on."""
+        flag = torch.tensor([0 if failed is None else 1])
+        if dist.is_initialized() and self.world_size > 1:
+            if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+                flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(flag)
+        if int(flag) == 0:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise self._failure(failed or "another rank could not write its part", step)
+
+    def _failure(self, why: str, step: int) -> SaveError:
+        kept = newest_complete(self.dir)
+        where = f"latest is still {kept.name}" if kept else "no earlier checkpoint exists"
+        if self.store is not None:
+            where = f"the store's latest is unchanged ({self.store.url})"
+        return SaveError(
+            f"checkpoint of step {step} not saved under {self.dir}: {why}; {where} "
+            "(nothing else lost): free space or fix the folder, then run again to resume"
+        )
 
     def _prune(self, keep: str) -> None:
         done = sorted(p for p in self.dir.iterdir() if is_complete(p))
@@ -172,11 +275,16 @@ class Checkpointer:
     def newest(self) -> Path | None:
         """The newest complete checkpoint: ``latest`` if it names one, else the newest
         complete folder. Decided on rank 0 and broadcast, so every rank agrees."""
-        choice = [None]
+        choice: list = [None]
         if self.rank == 0:
-            choice[0] = self._find()
+            try:
+                choice[0] = self._find()
+            except ConfigError as e:  # every rank stops with it, none waits for rank 0
+                choice[0] = e
         if dist.is_initialized() and self.world_size > 1:
             dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], ConfigError):
+            raise choice[0]
         if choice[0] is None:
             return None
         path = self.dir / choice[0]
@@ -189,10 +297,20 @@ class Checkpointer:
         return path
 
     def _find(self) -> str | None:
-        """The name of the newest complete checkpoint (on the store, for a run there)."""
+        """The name of the newest complete checkpoint (on the store, for a run there);
+        damaged ones passed over are said on stderr, and when every one is damaged the
+        run stops rather than start over from nothing."""
         if self.store is not None:
             return self.store.newest_checkpoint()
-        found = newest_complete(self.dir)
+        notes: list[str] = []
+        found = newest_complete(self.dir, notes)
+        for note in notes:
+            print(f"# {self.dir}: {note}; passed over", file=sys.stderr)
+        if found is None and notes:
+            raise ConfigError(
+                f"{self.dir}: no complete checkpoint ({'; '.join(notes)}); restore the "
+                "missing files, or move the checkpoints away to start the run over"
+            )
         return found.name if found else None
 
     # ------------------------------------------------------------------ loading

@@ -11,10 +11,16 @@ a process killed mid-upload leaves ``latest`` naming the previous complete check
 Nodes share nothing but the store: each node's first process uploads the files its
 ranks wrote and downloads a checkpoint before its ranks load it. The endpoint is
 ``data.s3_endpoint`` or ``S3_ENDPOINT_URL`` (one object store per run).
+
+An unreachable store (stopped, restarting, network down) is retried with exponential
+backoff (botocore's standard mode, ``ATTEMPTS`` tries); past that a :class:`StoreError`
+says which store and why, and a save that needed it stops the run with ``latest`` (here and
+on the store) still on the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -22,9 +28,33 @@ import tempfile
 from pathlib import Path
 
 from cmal.config import Config, ConfigError
+from cmal.errors import RunError
 
 LATEST = "latest"
 STATE = "state.json"
+ATTEMPTS = 6
+"""Tries of each store request (exponential backoff in between, about 30 s in all)."""
+
+
+class StoreError(RunError):
+    """The object store stayed unreachable through every retry."""
+
+
+def _reachable(method):
+    """Store methods turn a store that stays unreachable into one StoreError line."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        import botocore.exceptions
+
+        try:
+            return method(self, *args, **kwargs)
+        except botocore.exceptions.BotoCoreError as e:
+            raise StoreError(
+                f"{self.field}: {self.url} unreachable after {ATTEMPTS} tries ({e})"
+            ) from None
+
+    return wrapper
 
 
 def is_remote(path: str | Path) -> bool:
@@ -51,7 +81,14 @@ class Store:
         self.bucket, _, self.prefix = self.url[len("s3://") :].partition("/")
         if not self.bucket or not self.prefix:
             raise ConfigError(f"{field}: {url}: needs s3://bucket/prefix")
-        self.client = boto3.client("s3", endpoint_url=endpoint or os.environ.get("S3_ENDPOINT_URL"))
+        from botocore.config import Config as Retries
+
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint or os.environ.get("S3_ENDPOINT_URL"),
+            config=Retries(retries={"max_attempts": ATTEMPTS, "mode": "standard"},
+                           connect_timeout=10, read_timeout=60),
+        )  # fmt: skip
         self._check()
 
     def _check(self) -> None:
@@ -74,6 +111,7 @@ class Store:
 
     # ------------------------------------------------------------------ objects
 
+    @_reachable
     def read_bytes(self, rel: str) -> bytes | None:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"]
@@ -85,9 +123,11 @@ class Store:
         data = self.read_bytes(rel)
         return None if data is None else data.decode()
 
+    @_reachable
     def write_text(self, rel: str, text: str) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=text.encode())
 
+    @_reachable
     def exists(self, rel: str) -> bool:
         import botocore.exceptions
 
@@ -97,6 +137,7 @@ class Store:
         except botocore.exceptions.ClientError:
             return False
 
+    @_reachable
     def _list(self, rel: str, nested: bool) -> tuple[list[str], list[str]]:
         """(keys, sub-folder names) under ``rel/``, relative to it; ``nested``: every key
         at any depth (and no folders), else only the keys and folders right under it."""
@@ -124,6 +165,7 @@ class Store:
         """Names of the sub-folders right under ``rel/``."""
         return sorted(self._list(rel, nested=False)[1])
 
+    @_reachable
     def upload(self, local: Path, rel: str) -> None:
         self.client.upload_file(str(local), self.bucket, self.key(rel))
 
@@ -139,6 +181,7 @@ class Store:
             if not path.name.startswith("."):
                 self.upload(path, path.name)
 
+    @_reachable
     def download_tree(self, rel: str, local: Path) -> None:
         """Every object under ``rel/`` into ``local`` (written aside, then renamed)."""
         tmp = local.with_name(f".tmp-pull-{local.name}")
@@ -162,6 +205,7 @@ class Store:
             return
         self.download_tree(f"checkpoints/{name}", local)
 
+    @_reachable
     def delete_tree(self, rel: str) -> None:
         keys = [self.key(f"{rel}/{k}") for k in self.keys(rel)]
         for i in range(0, len(keys), 1000):

@@ -8,6 +8,8 @@ them with region features, tokenises, computes anchors and writes the shards.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +225,18 @@ class SampleBuilder:
         return sample
 
 
+def check_out(out: str | Path) -> Path:
+    """The shard folder to write, refused when it holds anything (earlier output stays)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; pick another --out")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(
+            f"{out}: shard folder exists and is not empty; remove it or pick another --out"
+        )
+    return out
+
+
 def write_shards(
     records: Iterable[Record],
     builder: SampleBuilder,
@@ -232,34 +246,42 @@ def write_shards(
     size_limit: int = 1 << 24,
 ) -> Converted:
     """Write the records as MDS shards (sha1 per shard) into ``out``, with the anchor
-    vocabulary (``concepts.json``) and its coverage (``anchor_stats.json``) beside them."""
+    vocabulary (``concepts.json``) and its coverage (``anchor_stats.json``) beside them.
+    Written into a folder beside ``out`` and renamed into place when complete: a
+    conversion that fails (bad input, a full disk, Ctrl-C) leaves no partial ``out``."""
     from streaming import MDSWriter
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; pick another --out")
-    if out.exists() and any(out.iterdir()):
-        raise DataError(
-            f"{out}: shard folder exists and is not empty; remove it or pick another --out"
-        )
+    out = check_out(out)
+    part = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(part, ignore_errors=True)
     done = Converted(str(out), 0, coverage=Coverage(builder.vocab))
-    with MDSWriter(
-        out=str(out), columns=columns(task), hashes=["sha1"], size_limit=size_limit
-    ) as w:
-        for rec in records:
-            try:
-                sample = builder.build(rec)
-            except DataError:
-                if on_bad_sample == "skip":
-                    done.skipped += 1
-                    continue
-                raise
-            w.write(sample)
-            done.samples += 1
-            done.anchors += len(sample["anchors"])
-            done.coverage.add(sample)
-    if done.samples == 0:
-        raise DataError(f"{out}: no sample was written (skipped {done.skipped}); check the inputs")
-    done.coverage.skipped = done.skipped
-    done.coverage.write(out)
+    try:
+        with MDSWriter(
+            out=str(part), columns=columns(task), hashes=["sha1"], size_limit=size_limit
+        ) as w:
+            for rec in records:
+                try:
+                    sample = builder.build(rec)
+                except DataError:
+                    if on_bad_sample == "skip":
+                        done.skipped += 1
+                        continue
+                    raise
+                w.write(sample)
+                done.samples += 1
+                done.anchors += len(sample["anchors"])
+                done.coverage.add(sample)
+        if done.samples == 0:
+            raise DataError(
+                f"{out}: no sample was written (skipped {done.skipped}); check the inputs"
+            )
+        done.coverage.skipped = done.skipped
+        done.coverage.write(part)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(part, out)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the shards ({type(e).__name__}: {e})") from None
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
     return done
