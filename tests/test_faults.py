@@ -125,9 +125,10 @@ def test_command_rows(tmp_path, capsys, case, argv, code, pattern):
 # ----------------------------------------------------------- tiny and degenerate data
 
 
-@pytest.mark.parametrize("images, seed", [(40, 0), (64, 3)])
+@pytest.mark.parametrize("images, seed", [(40, 0), (42, 3), (64, 3)])
 def test_small_worlds_work_down_to_the_minimum(tmp_path, images, seed):
-    """64 images with seed 3 once stopped at rec_gt/testB with no sample."""
+    """64 images with seed 3 once stopped at rec_gt/testB with no sample; 42 with seed 3
+    had testB images but no object in them an expression could single out."""
     from cmal.data.convert.world import convert_world
 
     generate(tmp_path, WorldConfig(images=images, seed=seed, workers=1))

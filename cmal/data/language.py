@@ -202,9 +202,17 @@ def statements(
     return out
 
 
+def expressible(objs: list[Obj], k: int) -> bool:
+    """Whether object k can be told apart by appearance (colour, shape, size)."""
+    o = objs[k]
+    return sum((x.colour, x.shape, x.size) == (o.colour, o.shape, o.size) for x in objs) == 1
+
+
 def expression(rng: np.random.Generator, objs: list[Obj], k: int) -> str | None:
     """A RefCOCO+-style expression (appearance only, no absolute location) for object k,
     or None when the object cannot be told apart by appearance."""
+    if not expressible(objs, k):
+        return None
     o = objs[k]
     same_cs = [x for x in objs if (x.colour, x.shape) == (o.colour, o.shape)]
     if len(same_cs) == 1:
