@@ -326,7 +326,7 @@ def data_convert(
     check_out(out)
     task, records = annotation_records(
         fmt,
-        captions=captions, splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+        captions=captions, splits=splits,
         regions=regions, questions=questions, annotations=annotations, jsonl=jsonl,
         statements=statements, refs=refs, instances=instances, split=split,
     )  # fmt: skip
@@ -392,7 +392,7 @@ def data_coverage(
 
     _, records = annotation_records(
         fmt,
-        captions=captions, splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+        captions=captions, splits=splits,
         regions=regions, questions=questions, jsonl=jsonl, statements=statements, refs=refs,
         instances=instances, split=split,
     )  # fmt: skip

@@ -161,20 +161,21 @@ def make_observer(cfg: Config, world, module: nn.Module, log: Path):
     )  # fmt: skip
 
 
-def read_beside(cfg: Config, name: str):
-    """A JSON file that conversion wrote beside the training shards (local or ``s3://``),
-    or None."""
+def read_beside(cfg: Config, *names: str) -> list:
+    """JSON files that conversion wrote beside the training shards (local or ``s3://``),
+    each None where absent."""
     import json
 
     from cmal.engine.store import Store
 
     remote = cfg.data.remote
     if remote.startswith("s3://"):
-        text = Store(remote, cfg.data.s3_endpoint, field="data.remote").read_text(name)
+        store = Store(remote, cfg.data.s3_endpoint, field="data.remote")
+        texts = [store.read_text(name) for name in names]
     else:
-        path = Path(remote) / name
-        text = path.read_text() if path.is_file() else None
-    return None if text is None else json.loads(text)
+        texts = [(Path(remote) / n).read_text() if (Path(remote) / n).is_file() else None
+                 for n in names]  # fmt: skip
+    return [None if t is None else json.loads(t) for t in texts]
 
 
 def data_concepts(cfg: Config) -> dict | None:
@@ -183,15 +184,11 @@ def data_concepts(cfg: Config) -> dict | None:
     shards' ``anchor_stats.json`` (None for shards written without one)."""
     from cmal.config import ConfigError
     from cmal.data.coverage import STATS_FILE, VOCAB_FILE
-    from cmal.data.errors import DataError
+    from cmal.data.stream import check_shard_folder
 
-    remote = cfg.data.remote
-    if not remote.startswith("s3://") and not (Path(remote) / "index.json").is_file():
-        raise DataError(
-            f"data.remote: cannot open shards at {remote}: no index.json there (not a shard "
-            "folder? `cmal data convert` or `cmal data world` writes them)"
-        )
-    vocab = read_beside(cfg, VOCAB_FILE)
+    if not cfg.data.remote.startswith("s3://"):
+        check_shard_folder(cfg.data.remote, "data.remote")
+    vocab, stats = read_beside(cfg, VOCAB_FILE, STATS_FILE)
     have = cfg.model.num_concepts
     if vocab is None:
         if have is None:
@@ -209,7 +206,7 @@ def data_concepts(cfg: Config) -> dict | None:
                 f"model.num_concepts is {have} but {cfg.data.remote}/{VOCAB_FILE} has {n} "
                 f"anchor concepts: set model.num_concepts={n} (or leave it unset)"
             )
-    return read_beside(cfg, STATS_FILE)
+    return stats
 
 
 def pretrain(cfg: Config, force: bool = False, quiet: bool = False):

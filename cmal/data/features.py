@@ -265,14 +265,11 @@ class FeatureSource:
         if len(f) != 10:
             raise DataError(f"{where}: expected 10 fields, got {len(f)}")
         n = vinvl.count(f[7], where, "num_boxes")
-        feats = _b64(f[9], np.float32, where, "features")
-        if feats.size % max(n, 1):
-            raise DataError(f"{where}: features: {feats.size} floats do not split into {n} regions")
         ids = _b64(f[3], np.int64, where, "objects_id")
         attrs = _b64(f[5], np.int64, where, "attrs_id") if self.attributes is not None else None
         return _regions(
             where,
-            feats.reshape(n, -1),
+            vinvl.region_rows(f[9], n, where),
             _boxes(f[8], where),
             _size(f[2], where, "img_w"),
             _size(f[1], where, "img_h"),
@@ -284,11 +281,8 @@ class FeatureSource:
         if len(f) != 6:
             raise DataError(f"{where}: expected 6 fields, got {len(f)}")
         n = vinvl.count(f[3], where, "num_boxes")
-        feats = _b64(f[5], np.float32, where, "features")
-        if feats.size % max(n, 1):
-            raise DataError(f"{where}: features: {feats.size} floats do not split into {n} regions")
         return _regions(
-            where, feats.reshape(n, -1), _boxes(f[4], where),
+            where, vinvl.region_rows(f[5], n, where), _boxes(f[4], where),
             _size(f[1], where, "image_w"), _size(f[2], where, "image_h"), [""] * n, np.ones(n),
         )  # fmt: skip
 

@@ -124,6 +124,15 @@ def _shard_error(remote: str, e: Exception) -> Exception:
     )
 
 
+def check_shard_folder(remote: str, field: str = "") -> None:
+    """A local shard folder must hold index.json; else one DataError naming it."""
+    if not (Path(remote) / "index.json").is_file():
+        raise DataError(
+            f"{field + ': ' if field else ''}cannot open shards at {remote}: no index.json "
+            "there (not a shard folder? `cmal data convert` or `cmal data world` writes them)"
+        )
+
+
 def open_dataset(
     cfg: DataConfig,
     remote: str | None = None,
@@ -137,10 +146,7 @@ def open_dataset(
 
     remote = remote or cfg.remote
     if not remote.startswith("s3://"):
-        if not (Path(remote) / "index.json").is_file():
-            raise DataError(
-                f"cannot open shards at {remote}: no index.json there (not a shard folder?)"
-            )
+        check_shard_folder(remote)
         remote = str(Path(remote).resolve())
     _s3_env(cfg)
 

@@ -59,13 +59,13 @@ def features_of(fields: list[str], where: str) -> np.ndarray | dict:
     JSON object, whose objects carry their own class, box and feature."""
     if len(fields) == 3:
         n = count(fields[1], where, "num_boxes")
-        return _reshape(b64_array(fields[2], np.float32, where, "features"), n, where)
+        return region_rows(fields[2], n, where)
     data = json_field(fields[1], where)
     if isinstance(data, dict) and "objects" in data:
         return data
     if isinstance(data, dict) and "features" in data:
         n = count(data.get("num_boxes"), where, "num_boxes")
-        return _reshape(b64_array(data["features"], np.float32, where, "features"), n, where)
+        return region_rows(data["features"], n, where)
     if isinstance(data, list):
         rows = [b64_array(field(o, "feature", where), np.float32, where, "feature") for o in data]
         return stack(rows, where)
@@ -121,7 +121,10 @@ def field(obj: Any, name: str, where: str) -> Any:
     return obj[name]
 
 
-def _reshape(flat: np.ndarray, n: int, where: str) -> np.ndarray:
+def region_rows(text: Any, n: int, where: str) -> np.ndarray:
+    """A base64 float32 ``features`` field split into ``n`` region rows (the tsv layouts
+    of LXMERT, bottom-up-attention and VinVL store them so), or a DataError."""
+    flat = b64_array(text, np.float32, where, "features")
     if n == 0:
         return np.zeros((0, 0), np.float32)
     if flat.size % n:

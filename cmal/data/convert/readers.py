@@ -13,8 +13,8 @@ FORMATS = ("coco-captions", "karpathy", "vg", "vqa", "snli-ve", "nlvr2", "refcoc
 
 
 def annotation_records(fmt: str, **given: Any) -> tuple[str, Iterator[Record]]:
-    """(task, records) of a format from its files; a missing file option is named by the
-    flag the command line gives it."""
+    """(task, records) of a format from its files (``splits``: comma-separated, as typed);
+    a missing file option is named by the flag the command line gives it."""
 
     def need(name: str, flag: str) -> Any:
         if given.get(name) is None:
@@ -25,7 +25,7 @@ def annotation_records(fmt: str, **given: Any) -> tuple[str, Iterator[Record]]:
         "coco-captions": lambda: ("pretrain", coco.records(need("captions", "--captions"))),
         "karpathy": lambda: (
             "pretrain",
-            karpathy.records(need("captions", "--captions"), given.get("splits") or ()),
+            karpathy.records(need("captions", "--captions"), _names(given.get("splits"))),
         ),
         "vg": lambda: ("pretrain", vg.records(need("regions", "--regions"))),
         "vqa": lambda: (
@@ -44,3 +44,7 @@ def annotation_records(fmt: str, **given: Any) -> tuple[str, Iterator[Record]]:
     if fmt not in readers:
         raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     return readers[fmt]()
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(s.strip() for s in (text or "").split(",") if s.strip())
