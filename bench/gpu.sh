@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU benchmark as one prepared run (a few minutes on an H100/H200): the bf16 matmul
-# peak first, then bench/step.py at base size, batch 256 and 512, bf16; the table last.
-#   bash bench/gpu.sh [WHEELS_DIR=.whl] [bench/step.py argument ...]   e.g. engine.compile=true
+# The GPU check as one prepared run (bench/gpu.py says what it does; 8 minutes or less on
+# an H100/H200):
+#   bash bench/gpu.sh [WHEELS_DIR=.whl] [bench/gpu.py argument ...]
+#   bash bench/gpu.sh --device cpu --steps 2 --size tiny --batch 4 --images 64   # dry run
 # Where python3 lacks deepspeed / submitit / mosaicml-streaming (and nothing can be
 # fetched), it installs them from WHEELS, made beforehand on a CPU machine with
 # `bash bench/wheels.sh .whl`. The log is also written to $OUT/gpu.log when OUT is set.
@@ -9,7 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 whl=.whl
 if [ $# -gt 0 ] && [ -d "$1" ]; then whl=$1; shift; fi
-log=${OUT:-/tmp}/gpu.log
 if ! python3 -c "import deepspeed, submitit, streaming" 2>/dev/null; then
     if ! ls "$whl"/*.whl >/dev/null 2>&1; then
         echo "deepspeed/submitit/streaming are missing and $whl holds no wheels:" \
@@ -23,6 +23,4 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
-set -o pipefail
-python3 bench/step.py --size base --batch 256,512 --steps 20 --warmup 5 --peak measure "$@" \
-    2>&1 | grep -v "real_accelerator\|^\[20" | tee "$log"
+python3 bench/gpu.py "$@" 2>&1 | grep -v "real_accelerator\|^\[20"

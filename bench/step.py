@@ -69,9 +69,9 @@ def bare_step(cfg, world, batch):
     model = PretrainObjective(build_model(cfg.model)).to(world.device)
     if cfg.engine.compile:
         model.compile(dynamic=True)
-    o, cuda = cfg.optim, world.device.type == "cuda"
+    o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
-                            betas=(o.beta1, o.beta2), eps=o.eps, fused=cuda)  # fmt: skip
+                            betas=(o.beta1, o.beta2), eps=o.eps, fused=True)  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     item = {"batch": batch.to(world.device)}
 
@@ -96,7 +96,7 @@ def bert_step(world, n: int, seq: int):
 
     conf = BertConfig(attn_implementation="sdpa")
     model = BertForMaskedLM(conf).to(world.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=world.device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(1000, 20000, (n, seq), device=world.device)
     labels = torch.full_like(ids, -100)
     sites = torch.rand(ids.shape, device=world.device) < 0.15
@@ -137,6 +137,7 @@ def main() -> None:
         "--peak", default=None, help="device peak TFLOP/s for MFU, or 'measure' (a matmul)"
     )
     ap.add_argument("--skip-bert", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many engine steps")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.compile=true")
     args = ap.parse_args()
 
@@ -172,7 +173,7 @@ def main() -> None:
             return timed(step, args.warmup, args.steps, world.device)
 
         step_a, model = engine_step(cfg, world, batch)
-        flops = model.flops_per_sample(m.max_text_len, m.max_regions)
+        flops = model.flops_per_sample(m.max_text_len, m.max_regions, batch_size=n)
         mine = [(n, "a: CMAL, our engine", run(step_a), flops)]
         del step_a, model
         mine.append((n, "b: CMAL, bare torch", run(bare_step(cfg, world, batch)), flops))
@@ -196,6 +197,28 @@ def main() -> None:
         if bert is not None:
             print(f"batch {n}: engine/BERT-base throughput ratio: {bert:.3f}")
         print(f"batch {n}: engine/bare step-time ratio: {bare:.3f}")
+    if args.profile:
+        n = batches[0]
+        batch = random_batch(m, n=n, text_len=m.max_text_len, regions=m.max_regions)
+        step, _ = engine_step(config(n), world, batch)
+        print(f"\ntorch.profiler, {args.profile} engine steps at batch {n}:")
+        print(profile_summary(step, args.profile, world.device))
+
+
+def profile_summary(step, steps: int, device: torch.device) -> str:
+    """The ops that took the most time over ``steps`` steps (after one more to warm up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    step()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=48)
 
 
 if __name__ == "__main__":

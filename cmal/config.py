@@ -204,6 +204,12 @@ class DataConfig:
     """Samples per batch on each rank."""
     workers: int = 2
     """Loader worker processes per rank."""
+    bucket_pool: int = 1
+    """Length bucketing: read this many batches' samples at once, sort them by text length
+    and region count, and train on them as that many batches of like lengths, in an order
+    drawn from their ids (1: off, each batch padded to its own longest). Less padding
+    (``bench/padding.py``); resume stays exact (the pool is read again and its batches
+    already trained skipped). Changes which samples share a batch."""
     shuffle: bool = True
     """Shuffle samples (deterministically from shuffle_seed and the epoch)."""
     shuffle_seed: int = 0
@@ -247,6 +253,12 @@ class EngineConfig:
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
+    bf16_mode: Literal["autocast", "deepspeed"] = "autocast"
+    """How bf16 runs. autocast: fp32 weights and optimizer, matmuls in bf16 under
+    torch.autocast (DeepSpeed's ``torch_autocast``); a step reads nothing from the device.
+    deepspeed: DeepSpeed's ``bf16`` mode, bf16 weights with an fp32 master copy (less
+    activation memory); its optimizer reads ~100 values to the host per step at ZeRO-0
+    and 4 at ZeRO-1/2 (measured with ``count_host_reads``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when available."""
     grad_accum: int = 1
@@ -267,7 +279,18 @@ class EngineConfig:
     it pays."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: stop with an error naming the step and the term (keeping the last
-    good checkpoint), or skip that step on every rank."""
+    good checkpoint), or skip that micro-batch: the run goes back to its newest checkpoint
+    and trains on without it (a run with no checkpoint saves one at its start for this)."""
+    check_every: int = 10
+    """Read the non-finite flags and the stop signal from the device (one small
+    all-reduce and one host read) every this many steps; they are read at every log and
+    save step too, and a save follows a clean read only. Steps in between never wait for
+    the device. Larger: fewer reads, but more steps between a signal and its save (one
+    rank alone reads its signal every step) and more steps redone after a skip."""
+    count_host_reads: bool = False
+    """Debugging: record every device-to-host read (``.item()``, ``nonzero``, boolean
+    indexing, copies to the CPU, ...) and write each step's, with where it came from, to
+    the log (``"event": "host_reads"``). Every op then pays a Python call."""
 
 
 @dataclass
@@ -450,11 +473,13 @@ def _check_values(cfg: Config, source: str) -> None:
     d = cfg.data
     need(d.batch_size > 0, "data.batch_size", "must be > 0")
     need(d.workers >= 0, "data.workers", "must be >= 0")
+    need(d.bucket_pool >= 1, "data.bucket_pool", "must be >= 1")
     e = cfg.engine
     need(e.steps > 0, "engine.steps", "must be > 0")
     need(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
     need(e.grad_accum >= 1, "engine.grad_accum", "must be >= 1")
     need(e.log_every >= 1, "engine.log_every", "must be >= 1")
+    need(e.check_every >= 1, "engine.check_every", "must be >= 1")
     need(not e.offload or e.zero_stage >= 1, "engine.offload", "needs engine.zero_stage >= 1")
     need(not e.eval_every or d.val_remote is not None, "engine.eval_every", "needs data.val_remote")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
@@ -648,6 +673,8 @@ HASH_EXEMPT = (
     ("data", "s3_endpoint"),
     ("data", "workers"),
     ("engine", "log_every"),
+    ("engine", "check_every"),
+    ("engine", "count_host_reads"),
     *(("observe", f.name) for f in dataclasses.fields(ObserveConfig)),
 )
 """Fields that say where things are or how often to report, not what is trained: a run

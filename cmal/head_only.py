@@ -20,7 +20,7 @@ from cmal.data.errors import DataError
 from cmal.engine.loop import to_device
 from cmal.tasks import Objective
 
-SKIP = ("consumed", "skipped", "batch", "batch2")
+SKIP = ("consumed", "skipped", "tokens", "batch", "batch2")
 """Item fields not kept: loader bookkeeping and the model inputs the features replace."""
 
 

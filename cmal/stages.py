@@ -20,16 +20,17 @@ from cmal.model.cmal import CMAL
 class PretrainObjective(nn.Module):
     """What the engine trains in pre-training: batch -> dict of losses."""
 
-    def __init__(self, model: CMAL):
+    def __init__(self, model: CMAL, batch_size: int = 1):
         super().__init__()
         self.model = model
+        self.batch_size = batch_size  # the MLM head scores a number of rows per batch
 
     def forward(self, item: dict) -> dict[str, torch.Tensor]:
         return self.model.pretrain_losses(item["batch"])
 
     def flops_per_row(self) -> float:
         """Training FLOPs of one batch row (a caption-image pair) at the padded shapes."""
-        return self.model.flops_per_sample()
+        return self.model.flops_per_sample(batch_size=self.batch_size)
 
 
 def run_dir(cfg: Config) -> Path:
@@ -234,7 +235,7 @@ def pretrain(cfg: Config, force: bool = False, quiet: bool = False):
                     file=sys.stderr,
                 )
         torch.manual_seed(cfg.seed)
-        module = PretrainObjective(build_model(cfg.model))
+        module = PretrainObjective(build_model(cfg.model), cfg.data.batch_size)
         return train_module(cfg, world, module, force, quiet, start_info={"data": facts})
 
 

@@ -37,6 +37,7 @@ def write_config(tmp_path, world, name="run", data_endpoint=None, **extra) -> st
             "batch_size": 8,
             "workers": 1,
             "local": str(tmp_path / f"cache-{name}"),
+            **extra.pop("data", {}),
         },
         "optim": {"lr": 1e-3, "warmup_steps": 5},
         "engine": engine,
@@ -57,13 +58,19 @@ def write_config(tmp_path, world, name="run", data_endpoint=None, **extra) -> st
 
 
 def launch(
-    config: str, ranks: int, *args: str, command: str = "pretrain"
+    config: str,
+    ranks: int,
+    *args: str,
+    command: str = "pretrain",
+    entry: str = "-m cmal.cli",
+    env: dict[str, str] | None = None,
 ) -> list[subprocess.Popen]:
-    """Start the ranks of `cmal <command>` as a launcher (torchrun, srun) would."""
+    """Start the ranks of `cmal <command>` as a launcher (torchrun, srun) would (``entry``:
+    how python starts cmal; ``env``: more environment)."""
     port = str(_free_port())
     procs = []
     for r in range(ranks):
-        env = {
+        rank_env = {
             **os.environ,
             "RANK": str(r),
             "WORLD_SIZE": str(ranks),
@@ -73,12 +80,13 @@ def launch(
             "MASTER_PORT": port,
             "DS_ACCELERATOR": "cpu",
             "OMP_NUM_THREADS": "1",
+            **(env or {}),
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "cmal.cli", command, "-c", config, *args],
+                [sys.executable, *entry.split(), command, "-c", config, *args],
                 cwd=ROOT,
-                env=env,
+                env=rank_env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -156,6 +164,21 @@ def test_signal_then_resume_gives_bitwise_same_losses_two_ranks(world, tmp_path)
     got = losses(tmp_path / "runs2/ref")
     assert sorted(got) == list(range(1, steps + 1))
     assert got == want  # bitwise: same floats at every step
+
+
+def test_bucketed_batches_resume_bitwise_two_ranks(world, tmp_path):
+    """data.bucket_pool: a stop inside a pool reads that pool again and skips the batches
+    already trained (state.json's "taken"), so the losses are an uninterrupted run's."""
+    steps = 40
+    kw = {"engine": {"steps": steps}, "data": {"bucket_pool": 4}}
+    ref = write_config(tmp_path, world, name="bk", **kw)
+    assert finish(launch(ref, 2)) == [0, 0]
+    want = losses(tmp_path / "runs/bk")
+    cfg = write_config(tmp_path, world, name="bk", checkpoint={"root": str(tmp_path / "r2")}, **kw)
+    stopped = stop_and_resume(cfg, tmp_path / "r2/bk", 2)
+    state = json.loads((tmp_path / f"r2/bk/checkpoints/step_{stopped:08d}/state.json").read_text())
+    assert state["data"]["taken"] == (stopped - 1) % 4 + 1  # of its pool, trained before
+    assert losses(tmp_path / "r2/bk") == want
 
 
 def test_resume_on_another_world_size(world, tmp_path):

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cmal.model import heads
 from cmal.model.anchors import ConceptVocab, split_words, tokenize_with_anchors
-from cmal.model.cmal import CMAL, Batch, amc_targets
+from cmal.model.cmal import CMAL, Batch, amc_targets, mlm_rows
 from cmal.model.prompt import Anchors, AssociativePrompt
 
 
@@ -204,8 +204,7 @@ def test_analytic_flops_match_flop_counter(overrides):
     batch = random_batch(cfg, n=n, text_len=lt, regions=r)
     batch.text_mask[:] = True
     batch.anchors.valid[:] = True  # 2 pairs per sample, distinct regions
-    special = (batch.input_ids == 101) | (batch.input_ids == 102)
-    mlm_sites = (~special).sum().item() - batch.anchors.valid.sum().item()
+    mlm_sites = mlm_rows(n * lt, 1.0)  # rows the MLM head scores (fixed shapes)
     amc_sites = 2 * batch.anchors.valid.sum().item()
     # The math backend decomposes attention into matmuls the counter sees on the CPU.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

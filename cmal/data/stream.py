@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,7 @@ def open_dataset(
             local=cache_folder(cfg, remote),
             shuffle=cfg.shuffle,
             shuffle_seed=cfg.shuffle_seed,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.batch_size * cfg.bucket_pool,  # as the loader draws them
             validate_hash="sha1" if cfg.validate_hash else None,
             **kw,
         )
@@ -256,6 +257,8 @@ class Collate:
         if not good:
             return out
         out["batch"] = self.batch(good, "")
+        # Counted here, on the host, so the training loop need not read the masks.
+        out["tokens"] = int(out["batch"].text_mask.sum() + out["batch"].region_mask.sum())
         if "image2" in good[0]:
             out["batch2"] = self.batch(good, "2")
         for key in ("label", "question_id", "ref_id"):
@@ -346,14 +349,17 @@ def release(dataset, all_ranks: bool = True) -> None:
 
 
 def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):
-    """A StreamingDataLoader with our collate; its state_dict() resumes mid-epoch."""
+    """A StreamingDataLoader with our collate; its state_dict() resumes mid-epoch. With
+    ``data.bucket_pool`` > 1, a :class:`Buckets` of such pools."""
     from streaming import StreamingDataLoader
 
-    return StreamingDataLoader(
+    collate = Collate(max_text_len, max_regions)
+    pool = cfg.bucket_pool
+    loader = StreamingDataLoader(
         dataset,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size * pool,
         num_workers=cfg.workers,
-        collate_fn=Collate(max_text_len, max_regions),
+        collate_fn=collate if pool == 1 else BucketCollate(collate, cfg.batch_size),
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         drop_last=False,
@@ -361,3 +367,60 @@ def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):
         # resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.shuffle_seed),
     )
+    return loader if pool == 1 else Buckets(loader)
+
+
+def _length(sample: dict[str, Any]) -> tuple[int, int]:
+    """Sort key of bucketing: text first (on the world, pool 16, text-first left 9.9% of all
+    slots padded, regions-first 18.0%, their sum 16.7%: bench/padding.py)."""
+    return len(sample["input_ids"]), len(sample["feats"])
+
+
+@dataclass
+class BucketCollate:
+    """One pool of samples -> collated batches of like lengths (in the loader's
+    workers). The batches' order is drawn from the pool's sample ids, so reading the same
+    pool again gives the same batches in the same order."""
+
+    collate: Collate
+    batch_size: int
+
+    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
+        good = sorted((s for s in samples if s is not None), key=_length)
+        # A pool cut short (the epoch's end) makes fewer batches, not smaller ones.
+        n = max(1, -(-len(good) // self.batch_size))
+        parts = np.array_split(np.arange(len(good)), n)
+        seed = zlib.crc32(" ".join(str(s["id"]) for s in good).encode())
+        order = np.random.default_rng(seed).permutation(n)
+        batches = [self.collate([good[i] for i in parts[k]]) for k in order]
+        # The pool's own "consumed" first: StreamingDataLoader counts it for resume.
+        return {"consumed": [None if s is None else s["id"] for s in samples],
+                "skipped": len(samples) - len(good), "batches": batches}  # fmt: skip
+
+
+class Buckets:
+    """Yields the batches of each pool a :class:`BucketCollate` loader reads; its state is
+    the loader's before the current pool and how many of that pool's batches were taken,
+    so a resume reads the pool again and skips those."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.before = loader.state_dict()
+        self.taken = 0
+        self.skip = 0
+
+    def __iter__(self):
+        for pool in self.loader:
+            for k, batch in enumerate(pool["batches"]):
+                if k < self.skip:
+                    continue
+                self.skip, self.taken = 0, k + 1
+                yield batch
+            self.before, self.taken = self.loader.state_dict(), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.before, "taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.before, self.skip, self.taken = state["loader"], state["taken"], 0

@@ -2,8 +2,8 @@
 
 On a machine without a GPU DeepSpeed picks its CPU accelerator by itself (it logs "Setting
 accelerator to CPU"; ``DS_ACCELERATOR=cpu`` forces it) and collectives go through gloo;
-on CUDA the same code uses NCCL and bf16. The optimizer is torch's AdamW (fused on CUDA),
-handed to DeepSpeed as a client optimizer, so nothing has to be compiled on first use.
+on CUDA the same code uses NCCL and bf16. The optimizer is torch's fused AdamW (CPU and
+CUDA), handed to DeepSpeed as a client optimizer, so nothing has to be compiled on first use.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def lr_lambda(cfg: Config):
 def ds_config(cfg: Config, world: World) -> dict:
     """The DeepSpeed JSON config implied by our config."""
     e = cfg.engine
+    bf16 = world.dtype == torch.bfloat16
     zero: dict = {"stage": e.zero_stage}
     if e.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -116,11 +117,15 @@ def ds_config(cfg: Config, world: World) -> dict:
         "gradient_accumulation_steps": e.grad_accum,
         "gradient_clipping": e.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": world.dtype == torch.bfloat16},
+        "bf16": {"enabled": bf16 and e.bf16_mode == "deepspeed"},
+        "torch_autocast": {"enabled": bf16 and e.bf16_mode == "autocast", "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
         # Our AdamW runs where the offloaded state is; no DeepSpeedCPUAdam to compile.
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
+        # One fixed tag: DeepSpeed's check that every rank saves the same tag is a
+        # host read per parameter group for nothing.
+        "checkpoint": {"tag_validation": "Ignore"},
         "wall_clock_breakdown": False,
     }
 
@@ -133,13 +138,14 @@ def build_engine(module: nn.Module, cfg: Config, world: World):
     module.to(world.device)
     if cfg.engine.compile:
         module.compile(dynamic=True)  # in place: parameter names (checkpoints) unchanged
-    fused = world.device.type == "cuda"
+    # Fused on every device: one kernel, and its step counts stay on the device (the
+    # foreach path reads each parameter's step to the host).
     optimizer = torch.optim.AdamW(
         param_groups(module, o.weight_decay),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
-        fused=fused,
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, scheduler = deepspeed.initialize(

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from cmal.config import Config
 from cmal.data.errors import DataError
 from cmal.engine.checkpoint import Checkpointer, rng_state, set_rng_state
 from cmal.engine.deepspeed import World
+from cmal.engine.syncs import HostReads
 
 if TYPE_CHECKING:
     from cmal.observe import Observer
@@ -111,12 +113,9 @@ def to_device(item: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _size(item: dict[str, Any]) -> tuple[int, int]:
-    """Rows and real tokens of an item, read on the host (no device sync); an item of
-    cached features (head-only fine-tuning) has rows only."""
-    b = item.get("batch")
-    if b is None:
-        return len(item["ids"]), 0
-    return len(b.input_ids), int(b.text_mask.sum() + b.region_mask.sum())
+    """Rows and real tokens of an item, as the collate function counted them on the host;
+    an item of cached features (head-only fine-tuning) has rows only."""
+    return len(item["ids"]), item.get("tokens", 0)
 
 
 def _reduce_mean(values: dict[str, float], world: World) -> dict[str, float]:
@@ -132,14 +131,71 @@ def _logs(step: int, e) -> bool:
     return step % e.log_every == 0 or step == e.steps
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    norms = [p.grad.detach().double().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The global gradient norm, left on the device."""
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double())
 
 
-def _ds_norm(engine) -> float:
+def _ds_norm(engine) -> torch.Tensor | float:
     norm = engine.get_global_grad_norm()
-    return float("nan") if norm is None else float(norm)
+    return float("nan") if norm is None else norm
+
+
+class Window:
+    """What the loop owes the host since its last read: each micro-batch's non-finite
+    flags and the loss sums stay on the device (no sync in a step) until :meth:`read`
+    fetches them, with the stop flag and the host counts, in one all-reduce and one copy."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] = []
+        self.flags: list[torch.Tensor] = []
+        self.draws: list[tuple[int, int]] = []  # (step, draw) of each flag row
+        self.clear()
+
+    def clear(self) -> None:
+        """Start a new log window (flags not yet read stay)."""
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = self.samples = self.rows = self.tokens = 0
+        self.time = self.wait = 0.0
+
+    def add(self, losses: dict[str, torch.Tensor], step: int, draw: int, accum: int) -> None:
+        self.names = list(losses)
+        detached = [v.detach() for v in losses.values()]
+        self.flags.append(torch.stack([~torch.isfinite(v) for v in detached]))
+        self.draws.append((step, draw))
+        for k, v in zip(self.names, detached, strict=True):
+            self.sums[k] = self.sums.get(k, 0.0) + v.double() / accum
+
+    def read(self, world: World, stop: bool, grad_norm) -> tuple[list, bool, dict[str, float]]:
+        """The one host read: (the non-finite micro-batches as (step, draw, terms), whether
+        any rank was signalled, the window's means over ranks with ``grad_norm``, and
+        ``_rows``/``_tokens`` per rank)."""
+        keys = sorted(self.sums)
+        head = torch.tensor([float(stop), self.rows, self.tokens], dtype=torch.float64)
+        norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(grad_norm)
+        parts = [head.to(self.device)] + [self.sums[k].reshape(1) for k in keys]
+        parts.append(norm.reshape(1).to(self.device, torch.float64))
+        if self.flags:
+            parts.append(torch.stack(self.flags).flatten().double())
+        t = torch.cat([x.to(self.device, torch.float64) for x in parts])
+        if world.size > 1:
+            dist.all_reduce(t)
+        values, n = t.tolist(), world.size
+        means = {k: v / n for k, v in zip(keys, values[3 : 3 + len(keys)], strict=True)}
+        means |= {"grad_norm": values[3 + len(keys)] / n, "_rows": values[1] / n,
+                  "_tokens": values[2] / n}  # fmt: skip
+        flags = values[4 + len(keys) :]
+        width, bad = len(self.names), []
+        for i, (step, draw) in enumerate(self.draws):
+            row = flags[i * width : (i + 1) * width]
+            if any(row):
+                bad.append((step, draw, [k for k, v in zip(self.names, row, strict=True) if v]))
+        self.flags, self.draws = [], []
+        return bad, values[0] > 0, means
 
 
 def train(
@@ -155,120 +211,164 @@ def train(
     start_info: dict | None = None,
 ) -> Outcome:
     """Run optimizer steps from ``start_step`` to ``cfg.engine.steps``; each log record
-    also goes to ``observer`` (Prometheus); ``start_info`` joins the start record."""
+    also goes to ``observer`` (Prometheus); ``start_info`` joins the start record.
+
+    A step reads nothing from the device. The non-finite flags, the signal and the log's
+    numbers are read together every ``engine.check_every`` steps and at each log and save
+    step (a save follows a clean read only). A non-finite micro-batch then stops the run
+    (``on_nonfinite=stop``), or (``skip``) the run goes back to its newest checkpoint and
+    trains on from there without that micro-batch.
+    """
     e = cfg.engine
     stop = StopFlag(cfg.checkpoint.signal)
     progress = Progress(e.steps, world.is_main)
     batches = epochs(loader)
     log = open(log_path, "a") if world.is_main else None
+    reads = HostReads() if e.count_host_reads else None
+
+    def section(name: str):
+        return reads.section(name) if reads is not None else nullcontext()
 
     def write(record: dict) -> None:
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
 
+    def save() -> None:
+        with section("save"):
+            checkpointer.save(engine, step, loader.state_dict())
+
     write({"event": "start", "step": start_step, "world_size": world.size, "time": time.time(),
            "job": os.environ.get("SLURM_JOB_ID", "local"), **(start_info or {})})  # fmt: skip
-    step, last, skips, grad_norm = start_step, {}, 0, float("nan")
-    # Loss sums stay on the device between log steps: no host sync for them in the step.
-    window: dict[str, torch.Tensor] = {}
-    window_steps, window_samples, window_time, window_wait = 0, 0, 0.0, 0.0
-    window_rows, window_tokens = 0, 0
+    step, last, grad_norm = start_step, {}, float("nan")
+    window = Window(world.device)
+    # Draws from the loader since the newest checkpoint, and those a rewind leaves out.
+    draw, skip = 0, set()
+    if e.on_nonfinite == "skip" and checkpointer.newest() is None:
+        save()  # a point to go back to
     try:
-        while step < e.steps:
-            t0 = time.perf_counter()
-            wait, samples, stop_now, micro = 0.0, 0, False, 0
-            while micro < e.grad_accum:
-                tw = time.perf_counter()
-                item = next(batches)
-                wait += time.perf_counter() - tw
-                rows, tokens = _size(item)
-                losses = engine(to_device(item, world.device))
-                # One small collective per micro-batch carries both flags (on the device,
-                # as NCCL needs).
-                flags = torch.stack(
-                    [(~torch.isfinite(losses["loss"].detach())).float(),
-                     torch.tensor(float(stop.raised), device=world.device)]
-                )  # fmt: skip
-                if world.size > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                flags = flags.tolist()
-                stop_now = stop_now or bool(flags[1])
-                if flags[0]:
-                    bad = [k for k, v in losses.items() if not torch.isfinite(v).item()]
-                    terms = ", ".join(bad) or "on another rank"
-                    where = f"step {step + 1}: non-finite loss (terms: {terms})"
+        with reads if reads is not None else nullcontext():
+            while step < e.steps:
+                t0 = time.perf_counter()
+                wait, samples, micro = 0.0, 0, 0
+                while micro < e.grad_accum:
+                    tw = time.perf_counter()
+                    with section("data"):
+                        item = next(batches)
+                    wait += time.perf_counter() - tw
+                    draw += 1
+                    if draw in skip:
+                        continue
+                    with section("step"):
+                        rows, tokens = _size(item)
+                        losses = engine(to_device(item, world.device))
+                        window.add(losses, step + 1, draw, e.grad_accum)
+                        engine.backward(losses["loss"])
+                        if micro == e.grad_accum - 1 and e.zero_stage == 0 and _logs(step + 1, e):
+                            # DeepSpeed keeps no global norm below ZeRO-1: take it here, where
+                            # the gradients are whole (and averaged over ranks).
+                            grad_norm = _grad_norm(engine.module)
+                        engine.step()
+                    micro += 1
+                    samples += len(item["ids"])
+                    window.rows += rows
+                    window.tokens += tokens
+                step += 1
+                window.steps += 1
+                window.samples += samples * world.size
+                window.time += time.perf_counter() - t0
+                window.wait += wait
+                saving = step % cfg.checkpoint.every == 0 or step == e.steps
+                due = _logs(step, e) or saving or step % e.check_every == 0
+                if not (due or (world.size == 1 and stop.raised)):
+                    write_reads(write, reads, step)
+                    continue
+                with section("check"):
+                    norm = grad_norm if e.zero_stage == 0 else _ds_norm(engine)
+                    bad, stop_now, means = window.read(world, stop.raised, norm)
+                if bad:
+                    at, _, terms = bad[0]
+                    where = f"step {at}: non-finite loss (terms: {', '.join(terms)})"
                     if e.on_nonfinite == "stop":
                         raise NonFiniteLoss(where + "; the last good checkpoint is kept")
-                    skips += 1
-                    if skips > MAX_SKIPS:
-                        raise NonFiniteLoss(f"{where}; {MAX_SKIPS} micro-batches in a row skipped")
+                    skip |= {d for _, d, _ in bad}
+                    if len(skip) > MAX_SKIPS:
+                        raise NonFiniteLoss(f"{where}; over {MAX_SKIPS} micro-batches skipped")
+                    batches.close()
+                    step, draw = _rewind(engine, loader, checkpointer), 0
+                    batches = epochs(loader)
+                    window.clear()
                     if world.is_main:
-                        print(f"warning: {where}; micro-batch skipped", file=sys.stderr)
+                        print(f"warning: {where}; back to step {step}, without that "
+                              "micro-batch", file=sys.stderr)  # fmt: skip
                     continue
-                skips = 0
-                engine.backward(losses["loss"])
-                last_micro = micro == e.grad_accum - 1
-                if last_micro and e.zero_stage == 0 and (_logs(step + 1, e) or stop_now):
-                    # DeepSpeed keeps no global norm below ZeRO-1: take it here, where the
-                    # gradients are whole (and averaged over ranks) before the step.
-                    grad_norm = _grad_norm(engine.module)
-                engine.step()
-                micro += 1
-                samples += len(item["ids"])
-                window_rows += rows
-                window_tokens += tokens
-                for k, v in losses.items():
-                    window[k] = window.get(k, 0.0) + v.detach().double() / e.grad_accum
-            step += 1
-            window_steps += 1
-            window_samples += samples * world.size
-            window_time += time.perf_counter() - t0
-            window_wait += wait
-            if _logs(step, e) or stop_now:
-                sums = {k: v.item() / window_steps for k, v in window.items()}
-                means = _reduce_mean(
-                    {**sums, "_rows": window_rows, "_tokens": window_tokens}, world
-                )
-                seconds = max(window_time, 1e-9)
-                rows_per_s = means.pop("_rows") * world.size / seconds
-                tokens_per_s = means.pop("_tokens") * world.size / seconds
-                rate = window_samples / seconds
-                record = {
-                    "step": step,
-                    **means,
-                    "lr": engine.get_lr()[0],
-                    "grad_norm": grad_norm if e.zero_stage == 0 else _ds_norm(engine),
-                    "samples_per_s": rate,
-                    "tokens_per_s": tokens_per_s,
-                    "data_wait": window_wait / seconds,
-                }
-                if observer is not None:
-                    mfu = observer.mfu(rows_per_s, world.size)
-                    if mfu is not None:
-                        record["mfu"] = mfu
-                    record.update(observer.observe(record, means))
-                last = means
-                write(record)
-                progress.update(
-                    step, means["loss"], rate, (e.steps - step) * window_time / window_steps
-                )
-                window, window_steps, window_samples, window_time, window_wait = {}, 0, 0, 0.0, 0.0
-                window_rows, window_tokens = 0, 0
-            if evaluate is not None and e.eval_every and step % e.eval_every == 0:
-                val = evaluate()
-                write({"step": step, **{f"val_{k}": v for k, v in val.items()}})
-            if stop_now:
-                checkpointer.save(engine, step, loader.state_dict())
-                return Outcome("preempted", step, last)
-            if step % cfg.checkpoint.every == 0 or step == e.steps:
-                checkpointer.save(engine, step, loader.state_dict())
+                if _logs(step, e) or stop_now:
+                    last = _record(step, means, window, engine, cfg, world, observer, write)
+                    progress.update(step, means["loss"], last.pop("_rate"),
+                                    (e.steps - step) * window.time / window.steps)  # fmt: skip
+                    window.clear()
+                if evaluate is not None and e.eval_every and step % e.eval_every == 0:
+                    with section("eval"):
+                        val = evaluate()
+                    write({"step": step, **{f"val_{k}": v for k, v in val.items()}})
+                if stop_now or saving:
+                    save()
+                    draw, skip = 0, set()
+                write_reads(write, reads, step)
+                if stop_now:
+                    return Outcome("preempted", step, last)
         return Outcome("done", step, last)
     finally:
         stop.restore()
         progress.close()
         if log:
             log.close()
+
+
+def _record(step, means, window: Window, engine, cfg: Config, world: World, observer, write):
+    """Write the log record of ``window`` (and hand it to ``observer``); returns its losses
+    with the samples/s under ``_rate``."""
+    seconds = max(window.time, 1e-9)
+    rows_per_s = means.pop("_rows") * world.size / seconds
+    tokens_per_s = means.pop("_tokens") * world.size / seconds
+    grad_norm = means.pop("grad_norm")
+    rate = window.samples / seconds
+    record = {
+        "step": step,
+        **means,
+        "lr": engine.get_lr()[0],
+        "grad_norm": grad_norm,
+        "samples_per_s": rate,
+        "tokens_per_s": tokens_per_s,
+        "data_wait": window.wait / seconds,
+    }
+    if observer is not None:
+        mfu = observer.mfu(rows_per_s, world.size)
+        if mfu is not None:
+            record["mfu"] = mfu
+        record.update(observer.observe(record, means))
+    write(record)
+    return {**means, "_rate": rate}
+
+
+def _rewind(engine, loader, checkpointer: Checkpointer) -> int:
+    """Load the newest checkpoint (engine, RNG, data position); returns its step."""
+    newest = checkpointer.newest()
+    state = checkpointer.read_state(newest, force=True)
+    checkpointer.load(engine, newest, state)
+    loader.load_state_dict(state["data"])
+    return state["step"]
+
+
+def write_reads(write, reads: HostReads | None, step: int) -> None:
+    """The step's device-to-host reads, by section, as a log record (``count_host_reads``)."""
+    if reads is None:
+        return
+    taken = reads.take_all()
+    taken.pop("data", None)  # the host's own tensors (collate without workers)
+    sections = {name: [] for name in ("step", "check", "save", "eval")}
+    sections |= {name: [[r.op, r.where] for r in rs] for name, rs in taken.items()}
+    write({"event": "host_reads", "step": step, "reads": sections})
 
 
 def validation_losses(module, loader, world: World, batches: int) -> dict[str, float]:

@@ -13,6 +13,7 @@ ours and is a field of :class:`cmal.config.ModelConfig`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -28,7 +29,7 @@ from cmal.model.heads import (
     MatchingHead,
     PairingPointer,
 )
-from cmal.model.prompt import Anchors, AssociativePrompt, Prompt
+from cmal.model.prompt import Anchors, AssociativePrompt, Prompt, gather_slots
 from cmal.model.transformer import init_bert_, matmul_flops
 from cmal.model.unified import UnifiedEncoder
 
@@ -70,11 +71,24 @@ class Batch:
         return Batch(**moved)
 
 
+IGNORE = -100
+"""Target of a row that is no prediction site (losses are computed in fixed shapes: the
+device never has to tell the host how many sites a batch has)."""
+
+
 def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy that is 0 (with a graph) rather than NaN on an empty selection."""
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), target)
+    """Mean cross-entropy over the rows whose target is not :data:`IGNORE`; 0 (with a
+    graph) rather than NaN when there is none."""
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+    return total / (target != IGNORE).sum().clamp(min=1)
+
+
+def mlm_rows(tokens: int, mlm_prob: float) -> int:
+    """Rows the MLM head scores for a batch of ``tokens`` text slots: 1.5x the expected
+    sites and 8 more. A batch drawing more sites than this masks only the first ones (as
+    BERT's ``max_predictions_per_seq`` does); at 15% that is over 8 standard deviations
+    away for any batch of more than 600 tokens."""
+    return min(tokens, math.ceil(1.5 * mlm_prob * tokens) + 8)
 
 
 class CMAL(nn.Module):
@@ -147,7 +161,7 @@ class CMAL(nn.Module):
             if self.amc is not None:
                 out["amc"] = self._amc_loss(ht, hr, text_mask, batch.region_mask, anchors, prompt)
             if self.mlm is not None:
-                out["mlm"] = _ce(self.mlm(ht[mlm_sites]), batch.input_ids[mlm_sites])
+                out["mlm"] = self._mlm_loss(ht, batch.input_ids, mlm_sites)
 
         if self.itm is not None or self.itc is not None:
             # Unmasked captions: the text encoder is uni-modal, so a negative's borrowed
@@ -196,29 +210,40 @@ class CMAL(nn.Module):
         special = torch.zeros_like(text_mask)
         for sid in SPECIAL_TOKEN_IDS:
             special |= ids == sid
-        is_anchor = torch.zeros_like(text_mask)
-        b, a = anchors.valid.nonzero(as_tuple=True)
-        is_anchor[b, anchors.text_pos[b, a]] = True
+        hits = torch.zeros(ids.shape, dtype=torch.long, device=ids.device)
+        is_anchor = hits.scatter_add_(1, anchors.text_pos, anchors.valid.long()) > 0
         eligible = text_mask & ~special & ~is_anchor
-        sites = eligible & (torch.rand(ids.shape, device=ids.device) < self.cfg.losses.mlm_prob)
+        p = self.cfg.losses.mlm_prob
+        sites = eligible & (torch.rand(ids.shape, device=ids.device) < p)
+        cap = (sites.flatten().cumsum(0) <= mlm_rows(sites.numel(), p)).view_as(sites)
+        sites = sites & cap
         r = torch.rand(ids.shape, device=ids.device)
         noise = torch.randint_like(ids, self.cfg.text.vocab_size)
         masked = torch.where(sites & (r < 0.8), torch.full_like(ids, MASK_TOKEN_ID), ids)
         masked = torch.where(sites & (r >= 0.8) & (r < 0.9), noise, masked)
         return masked, sites
 
+    def _mlm_loss(self, ht, ids, sites) -> torch.Tensor:
+        """Cross-entropy at the masked tokens, scored in a fixed number of rows."""
+        flat = sites.flatten()
+        rows = mlm_rows(flat.numel(), self.cfg.losses.mlm_prob)
+        order = torch.argsort((~flat).to(torch.uint8), stable=True)[:rows]  # sites first
+        target = torch.where(flat[order], ids.flatten()[order], IGNORE)
+        return _ce(self.mlm(ht.flatten(0, 1)[order]), target)
+
     def _amc_loss(self, ht, hr, text_mask, region_mask, anchors: Anchors, prompt) -> torch.Tensor:
-        """Cross-entropy at every swapped slot: its concept, or (pointer) its partner slot."""
+        """Cross-entropy at every swapped slot: its concept, or (pointer) its partner slot;
+        every anchor slot is scored and those not swapped are ignored."""
         total, terms = ht.new_zeros(()), 0
-        for side, b, site, label in amc_targets(anchors, prompt, self.cfg.losses.amc_labels):
+        for side, site, label in amc_slots(anchors, prompt, self.cfg.losses.amc_labels):
             h, others, others_mask = (
                 (ht, hr, region_mask) if side == "text" else (hr, ht, text_mask)
             )
             if isinstance(self.amc, ConceptClassifier):
-                logits = self.amc(h[b, site])
+                logits = self.amc(gather_slots(h, site))
             else:
-                logits = self.amc(h[b, site], others, others_mask, b)
-            total, terms = total + _ce(logits, label), terms + 1
+                logits = self.amc(gather_slots(h, site), others, others_mask)
+            total, terms = total + _ce(logits.flatten(0, 1), label.flatten()), terms + 1
         return total / max(terms, 1)
 
     # ------------------------------------------------------------------ accounting
@@ -234,8 +259,11 @@ class CMAL(nn.Module):
     ) -> float:
         """Analytic matmul FLOPs of one sample of a pre-training step at padded shapes.
 
-        Defaults: ``max_text_len``, ``max_regions``, ``mlm_prob`` of the text, and one
-        anchor pair in three swapped. The masked pass (AMC, MLM) and the unmasked one
+        ``mlm_sites`` and ``amc_sites`` are the rows the MLM and AMC heads score per
+        sample (in fixed shapes: :func:`mlm_rows` of the batch's text slots; every anchor
+        slot of each filled side). Defaults: ``max_text_len``, ``max_regions``,
+        :func:`mlm_rows` of a batch of ``batch_size``, and AMC rows a third of the text
+        slots. The masked pass (AMC, MLM) and the unmasked one
         (ITM, ITC) are counted each where its losses are on. ``train`` counts forward +
         backward: 3x forward, minus the input-gradient half of the layers whose inputs need
         none (detector features and boxes enter through them).
@@ -243,7 +271,8 @@ class CMAL(nn.Module):
         cfg = self.cfg
         lt = cfg.max_text_len if text_len is None else text_len
         r = cfg.max_regions if regions is None else regions
-        mlm_sites = cfg.losses.mlm_prob * lt if mlm_sites is None else mlm_sites
+        if mlm_sites is None:
+            mlm_sites = mlm_rows(lt * batch_size, cfg.losses.mlm_prob) / batch_size
         amc_sites = lt / 3 if amc_sites is None else amc_sites
         tx, vi, un, d = cfg.text, cfg.visual, cfg.unified, cfg.unified.hidden
         input_layers = 2 * r * (cfg.visual.feature_dim * vi.hidden + BOX_DIMS * vi.hidden)
@@ -272,18 +301,26 @@ class CMAL(nn.Module):
         return 3 * fwd - input_layers if train else fwd
 
 
-def amc_targets(anchors: Anchors, prompt: Prompt, labels: str):
-    """The AMC prediction sites and labels, per filled side.
+def amc_slots(anchors: Anchors, prompt: Prompt, labels: str):
+    """The AMC prediction sites and labels per filled side, at fixed (B, A) shapes.
 
-    Yields (side, sample index, slot index, label) with side "text" or "region". Concept
-    labels are the anchor's concept id; pointer labels are the partner slot's index.
+    Yields (side, slot index, label) with side "text" or "region"; the label is
+    :data:`IGNORE` where the pair was not swapped. Concept labels are the anchor's concept
+    id; pointer labels are the partner slot's index.
     """
-    b, a = prompt.swapped.nonzero(as_tuple=True)
-    j, i, c = anchors.text_pos[b, a], anchors.region[b, a], anchors.concept[b, a]
+    j, i = anchors.text_pos, anchors.region
+    keep = prompt.swapped
     if prompt.text_filled:
-        yield "text", b, j, (c if labels == "concept" else i)
+        yield "text", j, torch.where(keep, anchors.concept if labels == "concept" else i, IGNORE)
     if prompt.region_filled:
-        yield "region", b, i, (c if labels == "concept" else j)
+        yield "region", i, torch.where(keep, anchors.concept if labels == "concept" else j, IGNORE)
+
+
+def amc_targets(anchors: Anchors, prompt: Prompt, labels: str):
+    """The swapped sites only, for inspection: (side, sample index, slot index, label)."""
+    for side, site, label in amc_slots(anchors, prompt, labels):
+        b, a = (label != IGNORE).nonzero(as_tuple=True)
+        yield side, b, site[b, a], label[b, a]
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

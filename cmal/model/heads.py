@@ -47,12 +47,11 @@ class PairingPointer(nn.Module):
         sites: torch.Tensor,
         slots: torch.Tensor,
         slots_mask: torch.Tensor,
-        owner: torch.Tensor,
     ) -> torch.Tensor:
-        """(S, d) sites of samples ``owner`` (S,), (B, N, d) candidate slots -> (S, N) logits."""
-        keys = self.key(slots)[owner]  # keys once per slot, then gathered per site
-        scores = torch.einsum("sd,snd->sn", self.query(sites), keys) / math.sqrt(sites.shape[-1])
-        return scores.masked_fill(~slots_mask[owner], torch.finfo(scores.dtype).min)
+        """(B, S, d) sites, (B, N, d) candidate slots of the same samples -> (B, S, N)."""
+        keys = self.key(slots)
+        scores = torch.einsum("bsd,bnd->bsn", self.query(sites), keys) / math.sqrt(sites.shape[-1])
+        return scores.masked_fill(~slots_mask[:, None], torch.finfo(scores.dtype).min)
 
 
 class MaskedLMHead(nn.Module):

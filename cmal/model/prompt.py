@@ -91,9 +91,10 @@ class AssociativePrompt(nn.Module):
             none = torch.zeros_like(anchors.valid)
             return Prompt(text, regions, none, False, False)
         swapped = self.choose(anchors, generator)
-        b, a = swapped.nonzero(as_tuple=True)
-        j, i = anchors.text_pos[b, a], anchors.region[b, a]
-        word, region = text[b, j], regions[b, i]
+        # Every anchor slot is read and written, the unswapped ones to a spare slot: fixed
+        # shapes, so the device never tells the host how many pairs were drawn.
+        j, i = anchors.text_pos, anchors.region
+        word, region = gather_slots(text, j), gather_slots(regions, i)
         if noise > 0:
             scale = (
                 noise * text.new_tensor(word.shape[-1]).rsqrt() * word.norm(dim=-1, keepdim=True)
@@ -106,9 +107,23 @@ class AssociativePrompt(nn.Module):
         fill_region = mode in ("both", "region")
         text_in = region if fill_text else self.text_mask.expand_as(word)
         region_in = word if fill_region else self.region_mask.expand_as(region)
-        text = text.index_put((b, j), text_in.to(text.dtype))
-        regions = regions.index_put((b, i), region_in.to(regions.dtype))
+        text = put_slots(text, j, swapped, text_in)
+        regions = put_slots(regions, i, swapped, region_in)
         # In mask mode both blanked slots are the prediction sites.
         if mode == "mask":
             return Prompt(text, regions, swapped, True, True)
         return Prompt(text, regions, swapped, fill_text, fill_region)
+
+
+def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, d) slots, (B, A) slot indices -> (B, A, d)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def put_slots(x: torch.Tensor, index: torch.Tensor, where: torch.Tensor, values: torch.Tensor):
+    """``x`` (B, N, d) with ``values`` (B, A, d) written at slots ``index`` (B, A) where
+    ``where``; the other rows go to a spare slot past the end, which is dropped."""
+    n = x.shape[1]
+    spare = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1)
+    index = torch.where(where, index, n)[..., None].expand(-1, -1, x.shape[-1])
+    return spare.scatter(1, index, values.to(x.dtype))[:, :n]
