@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from conftest import random_batch, tiny_config
-from test_engine import finish, launch, write_config
+from test_engine import finish, launch, losses, write_config
 
 # DeepSpeed's ZeRO-1/2 optimizer tests the gradients for inf/NaN on the host every step
 # (stage_1_and_2.py: has_overflow, then utils.is_invalid_grad_norm three times): 4 reads
@@ -53,6 +53,23 @@ def test_steps_read_nothing_from_the_device(world, tmp_path, ranks, engine, allo
     logged = [json.loads(x) for x in (tmp_path / "runs/reads/log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in logged if "loss" in x] == [3, 6]
     assert all(math.isfinite(x["loss"]) and x["grad_norm"] > 0 for x in logged if "loss" in x)
+
+
+def test_a_log_record_is_the_mean_of_its_steps(world, tmp_path):
+    """Logging and checking every 3 steps instead of every step changes no number: each
+    record holds the mean of its window's per-step losses."""
+    runs = {}
+    for every in (1, 3):
+        engine = {"steps": 6, "log_every": every, "check_every": every}
+        root = {"root": str(tmp_path / f"r{every}")}
+        cfg = write_config(tmp_path, world, name="mean", engine=engine, checkpoint=root)
+        assert finish(launch(cfg, 1)) == [0]
+        runs[every] = losses(tmp_path / f"r{every}/mean")
+    each, windows = runs[1], runs[3]
+    assert sorted(windows) == [3, 6]
+    for end in (3, 6):
+        mean = sum(each[s] for s in range(end - 2, end + 1)) / 3
+        assert windows[end] == pytest.approx(mean, rel=1e-12)
 
 
 def test_compiled_step_has_no_graph_break():

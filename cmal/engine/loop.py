@@ -172,8 +172,8 @@ class Window:
 
     def read(self, world: World, stop: bool, grad_norm) -> tuple[list, bool, dict[str, float]]:
         """The one host read: (the non-finite micro-batches as (step, draw, terms), whether
-        any rank was signalled, the window's means over ranks with ``grad_norm``, and
-        ``_rows``/``_tokens`` per rank)."""
+        any rank was signalled, the window's losses averaged over its steps and the ranks,
+        with ``grad_norm``, and ``_rows``/``_tokens`` per rank)."""
         keys = sorted(self.sums)
         head = torch.tensor([float(stop), self.rows, self.tokens], dtype=torch.float64)
         norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(grad_norm)
@@ -185,7 +185,8 @@ class Window:
         if world.size > 1:
             dist.all_reduce(t)
         values, n = t.tolist(), world.size
-        means = {k: v / n for k, v in zip(keys, values[3 : 3 + len(keys)], strict=True)}
+        per_step = n * max(self.steps, 1)  # the sums run over the window's steps
+        means = {k: v / per_step for k, v in zip(keys, values[3 : 3 + len(keys)], strict=True)}
         means |= {"grad_norm": values[3 + len(keys)] / n, "_rows": values[1] / n,
                   "_tokens": values[2] / n}  # fmt: skip
         flags = values[4 + len(keys) :]

@@ -86,8 +86,8 @@ def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def mlm_rows(tokens: int, mlm_prob: float) -> int:
     """Rows the MLM head scores for a batch of ``tokens`` text slots: 1.5x the expected
     sites and 8 more. A batch drawing more sites than this masks only the first ones (as
-    BERT's ``max_predictions_per_seq`` does); at 15% that is over 8 standard deviations
-    away for any batch of more than 600 tokens."""
+    BERT's ``max_predictions_per_seq`` does); at 15% the cap is 4.3 or more standard
+    deviations above the mean count for every batch size, 6 or more from 600 tokens on."""
     return min(tokens, math.ceil(1.5 * mlm_prob * tokens) + 8)
 
 
