@@ -681,9 +681,17 @@ HASH_EXEMPT = (
 may move or change them and still resume its checkpoints."""
 
 
+HASH_SINCE = {("engine", "bf16_mode"): "autocast", ("data", "bucket_pool"): 1}
+"""Fields added after runs were saved, left out of the hash at these defaults, so a run
+saved before they existed resumes (fp32 runs: neither changes what they train)."""
+
+
 def config_hash(cfg: Any) -> str:
     """Stable short hash of what the resolved config trains (see :data:`HASH_EXEMPT`)."""
     data = to_dict(cfg)
+    for (section, key), default in HASH_SINCE.items():
+        if data.get(section, {}).get(key) == default:
+            del data[section][key]
     for section, key in HASH_EXEMPT:
         data.get(section, {}).pop(key, None)
         if data.get(section) == {}:  # a section of nothing but places (observe)
