@@ -24,6 +24,32 @@ def host_reads(run) -> list[dict]:
     return [r for r in rows if r.get("event") == "host_reads"]
 
 
+def test_the_counter_sees_each_kind_of_read():
+    """HostReads, which the step tests rely on, records what would stop a GPU's host —
+    and nothing for work that stays on the device."""
+    from cmal.engine.syncs import HostReads
+
+    x = torch.randn(4, 3, requires_grad=True)
+    with HostReads() as reads:
+        with reads.section("quiet"):
+            y = (x @ x.t()).relu().sum()
+            y.backward()
+            torch.where(x > 0, x, 0).gather(1, torch.zeros(4, 1, dtype=torch.long))
+        with reads.section("loud"):
+            v = y.detach()
+            v.item(), float(v), bool(v > 0), x.tolist()
+            x.nonzero()
+            x[x > 0]
+    taken = reads.take_all()
+    assert "quiet" not in taken
+    ops = [r.op for r in taken["loud"]]
+    assert ops == ["aten::_local_scalar_dense"] * 3 + ["Tensor.tolist", "aten::nonzero",
+                                                        "aten::index (boolean index)"]  # fmt: skip
+    assert all("test_step.py" in r.where for r in taken["loud"])
+    x.tolist()  # outside the mode: its wrapper is gone
+    assert reads.take_all() == {}
+
+
 @pytest.mark.parametrize(
     "ranks, engine, allowed",
     [
