@@ -405,11 +405,15 @@ class Buckets:
 
     def __init__(self, loader):
         self.loader = loader
-        self.before = loader.state_dict()
+        # None: the start. (Asking streaming for its state before the first iteration reads
+        # shared memory a previous run may have left half-written: seen as a JSON error.)
+        self.before: dict[str, Any] | None = None
         self.taken = 0
         self.skip = 0
+        self.started = False
 
     def __iter__(self):
+        self.started = True
         for pool in self.loader:
             for k, batch in enumerate(pool["batches"]):
                 if k < self.skip:
@@ -422,5 +426,11 @@ class Buckets:
         return {"loader": self.before, "taken": self.taken}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
+        if state["loader"] is not None:
+            self.loader.load_state_dict(state["loader"])
+        elif self.started:  # going back (on_nonfinite=skip) into the first pool
+            raise DataError(
+                "data.bucket_pool: cannot go back to a checkpoint saved inside the first pool "
+                "(the loader cannot restart mid-run); use on_nonfinite=stop or bucket_pool=1"
+            )
         self.before, self.skip, self.taken = state["loader"], state["taken"], 0
