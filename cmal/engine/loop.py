@@ -177,8 +177,7 @@ class Window:
         keys = sorted(self.sums)
         head = torch.tensor([float(stop), self.rows, self.tokens], dtype=torch.float64)
         norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(grad_norm)
-        parts = [head.to(self.device)] + [self.sums[k].reshape(1) for k in keys]
-        parts.append(norm.reshape(1).to(self.device, torch.float64))
+        parts = [head, *(self.sums[k].reshape(1) for k in keys), norm.reshape(1)]
         if self.flags:
             parts.append(torch.stack(self.flags).flatten().double())
         t = torch.cat([x.to(self.device, torch.float64) for x in parts])
