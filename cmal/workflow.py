@@ -10,7 +10,9 @@ changed since, it trains afresh, and its old run folder is kept beside as
 ``<run>.stale-<n>`` (never deleted). Stage kinds and their fields:
 
 - ``world``: ``out``, ``images``, ``seed``, ``attribute_tags`` (default true: regions
-  tagged "<colour> <shape>") — the scene world and its shards.
+  tagged "<colour> <shape>"), ``noise`` (the simulated detector's tag noise, fields of
+  ``cmal.data.scene.NoiseConfig``; its defaults when absent) — the scene world and its
+  shards.
 - ``pretrain``: ``config``, ``overrides``.
 - ``finetune``: ``task``, ``config``, ``from`` (a stage name, a path, or ``none`` for the
   untrained baseline), ``overrides``.
@@ -21,6 +23,7 @@ Top-level ``overrides`` apply to every config stage (before its own).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -34,7 +37,7 @@ import yaml
 from cmal.config import Config, ConfigError, config_hash, load_config
 
 KINDS = {
-    "world": {"name", "kind", "out", "images", "seed", "attribute_tags"},
+    "world": {"name", "kind", "out", "images", "seed", "attribute_tags", "noise"},
     "pretrain": {"name", "kind", "config", "overrides"},
     "finetune": {"name", "kind", "task", "config", "from", "overrides"},
     "evaluate": {"name", "kind", "task", "run", "splits"},
@@ -91,6 +94,8 @@ def load_workflow(
             raise ConfigError(f"{where}: unknown key(s) {sorted(bad)} for a {st['kind']} stage")
         if not st.get("name") or st["name"] in names:
             raise ConfigError(f"{where}: every stage needs a unique 'name'")
+        if st["kind"] == "world" and "noise" in st:
+            _noise(st["noise"], f"{where}: noise")
         if st["kind"] == "evaluate" and st.get("run") not in names:
             raise ConfigError(f"{where}: run: {st.get('run')!r} is not an earlier stage")
         source = st.get("from")
@@ -113,6 +118,23 @@ def load_workflow(
     )
 
 
+def _noise(value: Any, where: str):
+    """A world stage's ``noise`` mapping as a NoiseConfig (errors name the field)."""
+    from dataclasses import fields
+
+    from cmal.data.scene import NoiseConfig
+
+    known = {f.name for f in fields(NoiseConfig)}
+    if not isinstance(value, dict) or set(value) - known:
+        raise ConfigError(f"{where}: expected a mapping of {sorted(known)}")
+    for key, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ConfigError(f"{where}: {key}: expected a number >= 0, got {v!r}")
+        if key != "jitter" and v > 1:
+            raise ConfigError(f"{where}: {key}: a probability, got {v!r}")
+    return NoiseConfig(**{k: float(v) for k, v in value.items()})
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -133,12 +155,22 @@ class Runner:
         """Hashes of the world stages so far: the data every later training stage reads."""
         self.remade = False
         """Whether a world stage ran (not skipped) in this invocation."""
+        self.ran: set[str] = set()
+        """The stages this runner has run (its records are the ones it writes)."""
 
     def _save(self) -> None:
+        """Write the records of the stages this runner ran into the state file, over what
+        is there now: several runners of one study (``--arms``/``--seeds`` parts, each
+        with its own ``TMPDIR`` for streaming's caches) share the file without losing
+        each other's records."""
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.state_path)
+        with open(self.state_path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+            self.state = {**on_disk, **{k: self.state[k] for k in self.ran}}
+            tmp = self.state_path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.state, indent=1))
+            tmp.replace(self.state_path)
 
     def config(self, st: dict[str, Any], extra: list[str]) -> Config:
         return load_config(st["config"], [*self.wf.overrides, *(st.get("overrides") or []), *extra])
@@ -147,10 +179,17 @@ class Runner:
         """The stage's hash (its config and its inputs' hashes) and its inputs."""
         kind = st["kind"]
         if kind == "world":
-            inputs = {k: st.get(k) for k in ("out", "images", "seed")}
-            inputs["attribute_tags"] = bool(st.get("attribute_tags", True))
-            from cmal.data.world import VERSION
+            from cmal.data.world import VERSION, WorldConfig
 
+            defaults = WorldConfig()  # a stage without images/seed gets the command's
+            inputs = {
+                "out": st.get("out"),
+                "images": st.get("images", defaults.images),
+                "seed": st.get("seed", defaults.seed),
+            }
+            inputs["attribute_tags"] = bool(st.get("attribute_tags", True))
+            if "noise" in st:  # absent: the hash of a world made before noise was a field
+                inputs["noise"] = st["noise"]
             inputs["version"] = VERSION  # a new generator makes a new world
             return _digest(inputs), inputs
         if kind == "pretrain":
@@ -206,6 +245,7 @@ class Runner:
             }
             if trains:
                 self.state[name]["worlds"] = list(self.worlds)
+            self.ran.add(name)
             self._save()
             try:
                 if stale:
@@ -273,7 +313,11 @@ class Runner:
             from cmal.pretrained import load_tokenizer
 
             out = Path(inputs["out"])
-            generate(out, WorldConfig(images=int(inputs["images"]), seed=int(inputs["seed"])))
+            noise = _noise(inputs.get("noise", {}), "noise")
+            generate(
+                out,
+                WorldConfig(images=int(inputs["images"]), seed=int(inputs["seed"]), noise=noise),
+            )
             import shutil
 
             shutil.rmtree(out / "shards", ignore_errors=True)

@@ -480,3 +480,40 @@ def test_head_only_trains_the_head_alone_and_resumes_exactly(world, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((run / "metrics.json").read_text()) == wrote
+
+
+def test_runners_side_by_side_keep_each_others_records_and_noise_reaches_the_world(tmp_path):
+    """Two runners of one workflow name, both started before either saved (two parts of a
+    study run at once), share the state file without dropping a record; a world stage's
+    ``noise`` reaches the simulated detector (det regions change, gt ones do not) and its
+    hash, while a world without it hashes as before the field existed."""
+    from cmal.workflow import Runner, load_workflow
+
+    def workflow(stage: str, **extra) -> Runner:
+        st = {"name": stage, "kind": "world", "out": str(tmp_path / stage), "images": 40, **extra}
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump({"name": "parts", "runs": str(tmp_path / "runs"),
+                                        "stages": [st]}))  # fmt: skip
+        return Runner(load_workflow(path), echo=lambda *_: None)
+
+    plain, noisy = workflow("plain"), workflow("noisy", noise={"wrong_tag": 1.0})
+    assert plain.run() == "done" and noisy.run() == "done"
+    state = json.loads((tmp_path / "runs/workflow-parts.json").read_text())
+    assert {k: v["status"] for k, v in state.items()} == {"plain": "done", "noisy": "done"}
+    assert "noise" not in state["plain"]["inputs"]
+    assert state["noisy"]["inputs"]["noise"] == {"wrong_tag": 1.0}
+
+    def regions(stage: str, kind: str) -> bytes:
+        return (tmp_path / stage / "features" / f"{kind}.tsv").read_bytes()
+
+    assert regions("plain", "gt") == regions("noisy", "gt")
+    assert regions("plain", "det") != regions("noisy", "det")
+
+    for bad, match in (({"wrong_tag": 2}, "wrong_tag: a probability"),
+                       ({"jiter": 1}, "expected a mapping of"),
+                       ({"missed": "x"}, "missed: expected a number")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"bad\.yaml: stages\[0\]: noise: {match}"):
+            path = tmp_path / "bad.yaml"
+            path.write_text(yaml.safe_dump({"stages": [
+                {"name": "w", "kind": "world", "out": "x", "noise": bad}]}))  # fmt: skip
+            load_workflow(path)

@@ -4,6 +4,7 @@ punctuation, digits, articles and contractions), written from its published rule
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from itertools import combinations
 
 CONTRACTIONS = {
@@ -70,6 +71,9 @@ def _digits_articles(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+# Cached: the loss normalises every human answer of its batch at every step (1,100 calls
+# a step at batch 32, most of a head-only VQA step), and answers repeat.
+@lru_cache(maxsize=1 << 18)
 def normalize(answer: str) -> str:
     """An answer as the official evaluation compares it."""
     return _digits_articles(_punctuation(_clean(answer)))
