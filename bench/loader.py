@@ -60,7 +60,7 @@ def main() -> None:
 
     from cmal.data.convert.world import convert_world
     from cmal.data.world import WorldConfig, generate
-    from cmal.pretrained import load_tokenizer
+    from cmal.model.pretrained import load_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="cmal-bench-"))
     counts = generate(tmp / "w", WorldConfig(images=args.images, seed=0))

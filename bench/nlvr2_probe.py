@@ -48,10 +48,10 @@ def encode(run: Path, split: str, root: Path) -> dict[str, torch.Tensor]:
     """Frozen [CLS] pair (and, for a REC run, best region scores) of every statement."""
     from cmal.config import load_config
     from cmal.data.stream import make_loader, open_dataset, release
-    from cmal.downstream import load_into, pretrained_weights
     from cmal.model.cmal import CMAL
-    from cmal.stages import newest_weights
     from cmal.tasks import Objective, get_task
+    from cmal.workflow.finetune import load_into, pretrained_weights
+    from cmal.workflow.pretrain import newest_weights
 
     cfg = load_config(run / "config.yaml")
     model = CMAL(cfg.model).eval()

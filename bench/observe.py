@@ -42,7 +42,7 @@ def observe_call_seconds(n: int = 2000) -> float:
     import torch
 
     from cmal.config import ObserveConfig
-    from cmal.observe import Observer
+    from cmal.engine.observe import Observer
 
     obs = Observer(ObserveConfig(), "bench", "pretrain", 0, 0, torch.device("cpu"), 0, 1e9)
     record = {"step": 1, "lr": 1e-4, "grad_norm": 1.0, "samples_per_s": 30.0,
@@ -65,7 +65,7 @@ def main() -> None:
 
     from cmal.data.convert.world import convert_world
     from cmal.data.world import WorldConfig, generate
-    from cmal.pretrained import load_tokenizer
+    from cmal.model.pretrained import load_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="cmal-bench-observe-"))
     generate(tmp / "world", WorldConfig(images=200, seed=1, workers=1))

@@ -54,7 +54,7 @@ def sources(args, tmp: Path) -> dict[str, str]:
 
     from cmal.data.convert.world import convert_world
     from cmal.data.world import WorldConfig, generate
-    from cmal.pretrained import load_tokenizer
+    from cmal.model.pretrained import load_tokenizer
 
     world = Path(args.world) if args.world else tmp / "world"
     if not args.world:

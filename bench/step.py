@@ -46,8 +46,8 @@ def autocast(world):
 
 def engine_step(cfg, world, batch):
     from cmal.engine.deepspeed import build_engine
-    from cmal.pretrained import build_model
-    from cmal.stages import PretrainObjective
+    from cmal.model.pretrained import build_model
+    from cmal.workflow.pretrain import PretrainObjective
 
     engine, _ = build_engine(PretrainObjective(build_model(cfg.model)), cfg, world)
     item = {"batch": batch.to(world.device)}
@@ -63,8 +63,8 @@ def engine_step(cfg, world, batch):
 def bare_step(cfg, world, batch):
     """The same model, optimizer, schedule and clipping in plain torch."""
     from cmal.engine.deepspeed import lr_lambda, param_groups
-    from cmal.pretrained import build_model
-    from cmal.stages import PretrainObjective
+    from cmal.model.pretrained import build_model
+    from cmal.workflow.pretrain import PretrainObjective
 
     model = PretrainObjective(build_model(cfg.model)).to(world.device)
     if cfg.engine.compile:

@@ -5,7 +5,7 @@
 # bench/gpu.sh installs it with `pip install --no-index`.
 #   bash bench/wheels.sh [OUT=.whl] [PYTHON_VERSION=3.12]
 # Versions are the ones installed here, so both machines run the same code. The list is
-# what `import cmal.stages, cmal.data.stream, cmal.launch` loads beyond such an image
+# what `import cmal.workflow.pretrain, cmal.data.stream, cmal.launch.jobs` loads beyond such an image
 # (measured with importlib.metadata.packages_distributions on this venv).
 set -euo pipefail
 out=${1:-.whl}

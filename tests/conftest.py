@@ -89,7 +89,7 @@ def world(tmp_path_factory):
     """A small scene world with all its shards (written once per test session)."""
     from cmal.data.convert.world import convert_world
     from cmal.data.world import WorldConfig, generate
-    from cmal.pretrained import load_tokenizer
+    from cmal.model.pretrained import load_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     generate(root, WorldConfig(images=160, seed=5, workers=1))

@@ -11,7 +11,7 @@ import os
 import sys
 
 from cmal.cli import main
-from cmal.stages import PretrainObjective
+from cmal.workflow.pretrain import PretrainObjective
 
 calls, poisoned = 0, []
 forward = PretrainObjective.forward

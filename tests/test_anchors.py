@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from cmal.data.language import SYNONYMS
-from cmal.model.anchors import (
+from cmal.data.anchors import (
     ConceptVocab,
     default_synonyms,
     find_anchors,
     singular,
     split_words,
 )
+from cmal.data.language import SYNONYMS
 
 VOCAB = ConceptVocab(["dog", "cat", "car", "traffic light", "light", "person", "giraffe"])
 
@@ -78,8 +78,8 @@ def test_truncated_word_gives_no_pair():
 
 
 def test_multi_wordpiece_word_with_real_tokenizer():
-    from cmal.model.anchors import tokenize_with_anchors
-    from cmal.pretrained import load_tokenizer
+    from cmal.data.anchors import tokenize_with_anchors
+    from cmal.model.pretrained import load_tokenizer
 
     tok = load_tokenizer()
     ids, pairs = tokenize_with_anchors(

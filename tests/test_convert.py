@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from streaming import StreamingDataset
 
+from cmal.data.anchors import ConceptVocab
 from cmal.data.convert import SampleBuilder, coco, nlvr2, refcoco, snli_ve, vg, vqa, write_shards
 from cmal.data.errors import DataError
 from cmal.data.features import FeatureSource, encode_b64, lxmert_line
-from cmal.model.anchors import ConceptVocab
-from cmal.pretrained import load_tokenizer
+from cmal.model.pretrained import load_tokenizer
 
 CLASSES = ["dog", "frisbee", "tree", "person"]
 F = 16

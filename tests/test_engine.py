@@ -273,7 +273,7 @@ def test_export_fp32_loads_without_deepspeed(world, tmp_path):
 
     from cmal.config import load_config
     from cmal.model.cmal import CMAL
-    from cmal.stages import export_fp32
+    from cmal.workflow.pretrain import export_fp32
 
     cfg = write_config(tmp_path, world, name="exp", engine={"steps": 3, "zero_stage": 3})
     assert finish(launch(cfg, 1)) == [0]

@@ -20,13 +20,13 @@ from conftest import ROOT, start_moto
 from test_engine import finish, launch, logged, losses, write_config
 
 from cmal.cli import run
+from cmal.data.anchors import ConceptVocab
 from cmal.data.convert import SampleBuilder, coco, write_shards
 from cmal.data.errors import DataError
 from cmal.data.features import FeatureSource
 from cmal.data.world import WorldConfig, generate
 from cmal.engine.checkpoint import LATEST, newest_complete
-from cmal.model.anchors import ConceptVocab
-from cmal.pretrained import load_tokenizer
+from cmal.model.pretrained import load_tokenizer
 
 CAPS = str(ROOT / "tests/fixtures/coco/captions_val2017.json")
 TINY = str(ROOT / "configs/model/tiny.yaml")

@@ -15,6 +15,7 @@ from streaming import StreamingDataset
 from typer.testing import CliRunner
 
 from cmal.cli import app
+from cmal.data.anchors import find_anchors, split_words
 from cmal.data.convert import (
     SampleBuilder,
     coco,
@@ -30,8 +31,7 @@ from cmal.data.convert import (
 from cmal.data.errors import DataError
 from cmal.data.features import FeatureSource, encode_b64, key_forms, lxmert_line
 from cmal.data.vocab import make_vocab
-from cmal.model.anchors import find_anchors, split_words
-from cmal.pretrained import load_tokenizer
+from cmal.model.pretrained import load_tokenizer
 
 FIX = ROOT / "tests" / "fixtures"
 VOCAB_FILE = FIX / "butd" / "objects_vocab.txt"

@@ -10,8 +10,8 @@ from conftest import random_batch, scene_batch, tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from cmal.data.anchors import ConceptVocab, split_words, tokenize_with_anchors
 from cmal.model import heads
-from cmal.model.anchors import ConceptVocab, split_words, tokenize_with_anchors
 from cmal.model.cmal import CMAL, Batch, amc_targets, mlm_rows
 from cmal.model.prompt import Anchors, AssociativePrompt
 
@@ -77,7 +77,7 @@ def test_prompt_is_identity_at_inference_and_respects_p_swap():
 
 
 def test_amc_labels_match_anchors_from_real_text():
-    from cmal.pretrained import load_tokenizer
+    from cmal.model.pretrained import load_tokenizer
 
     vocab = ConceptVocab(["dog", "cat", "frisbee"])
     tags = ["frisbee", "dog", "tree"]

@@ -174,7 +174,7 @@ def test_shipped_prometheus_config_and_dashboard_use_real_metrics(tmp_path):
     from conftest import ROOT
 
     from cmal.config import ObserveConfig
-    from cmal.observe import Observer
+    from cmal.engine.observe import Observer
 
     res = subprocess.run(
         [need("promtool"), "check", "config", str(ROOT / "cluster/prometheus.yml")],

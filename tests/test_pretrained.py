@@ -7,7 +7,7 @@ import torch
 from conftest import ROOT
 
 from cmal.config import ConfigError
-from cmal.pretrained import build_model, load_tokenizer, resolve_bert_path
+from cmal.model.pretrained import build_model, load_tokenizer, resolve_bert_path
 
 
 def test_minilm_weights_give_the_same_text_features_as_bert_model():

@@ -102,7 +102,7 @@ def test_compiled_step_has_no_graph_break():
     """The pre-training losses trace as one graph (AMC, MLM, ITM and the prompt layer's
     draws in fixed shapes); ``fullgraph`` also traces the backward at two text lengths."""
     from cmal.model.cmal import CMAL
-    from cmal.stages import PretrainObjective
+    from cmal.workflow.pretrain import PretrainObjective
 
     cfg = tiny_config().model
     module = PretrainObjective(CMAL(cfg).train())

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from cmal.analysis.report import collect, comparisons, plot, tables, verdict
 from cmal.config import ConfigError
-from cmal.report import collect, comparisons, plot, tables, verdict
-from cmal.workflow import load_workflow
+from cmal.workflow.runner import load_workflow
 
 
 def test_claim_study_expands_into_arms_seeds_and_tasks():
@@ -54,7 +54,7 @@ def test_every_arm_pretrains_on_the_same_flops(study):
     """The studies compare methods at equal pre-training compute: steps x batch x the
     analytic FLOPs per sample that `cmal model summary` prints, within 1% of CMAL's."""
     from cmal.config import load_config
-    from cmal.pretrained import build_model
+    from cmal.model.pretrained import build_model
 
     per_sample: dict[str, float] = {}  # model config -> FLOPs (building a model takes ~1 s)
     budgets = {}

@@ -382,7 +382,7 @@ def test_vqa_losses_by_hand():
 
 
 def test_an_evaluation_whose_metrics_are_gone_is_due_again(tmp_path):
-    from cmal.workflow import _present
+    from cmal.workflow.runner import _present
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -440,8 +440,8 @@ def test_head_only_trains_the_head_alone_and_resumes_exactly(world, tmp_path):
     run gives the metrics the fine-tuning wrote."""
     from test_engine import finish, launch, losses, stop_and_resume, write_config
 
-    from cmal.downstream import pretrained_weights
-    from cmal.stages import newest_weights
+    from cmal.workflow.finetune import pretrained_weights
+    from cmal.workflow.pretrain import newest_weights
 
     pre = write_config(tmp_path, world, name="pre", engine={"steps": 2})
     assert finish(launch(pre, 1)) == [0]
@@ -487,7 +487,7 @@ def test_runners_side_by_side_keep_each_others_records_and_noise_reaches_the_wor
     study run at once), share the state file without dropping a record; a world stage's
     ``noise`` reaches the simulated detector (det regions change, gt ones do not) and its
     hash, while a world without it hashes as before the field existed."""
-    from cmal.workflow import Runner, load_workflow
+    from cmal.workflow.runner import Runner, load_workflow
 
     def workflow(stage: str, **extra) -> Runner:
         st = {"name": stage, "kind": "world", "out": str(tmp_path / stage), "images": 40, **extra}

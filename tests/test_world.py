@@ -12,7 +12,7 @@ from cmal.data import language
 from cmal.data.convert.world import convert_world
 from cmal.data.scene import COLOURS, SHAPES, draw, ground_truth, region_features, sample_objects
 from cmal.data.world import WorldConfig, generate
-from cmal.pretrained import load_tokenizer
+from cmal.model.pretrained import load_tokenizer
 
 
 def _digest(root) -> dict[str, str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmal.model.anchors import ConceptVocab
+from cmal.data.anchors import ConceptVocab
 
 STATS_FILE = "anchor_stats.json"
 VOCAB_FILE = "concepts.json"
@@ -109,7 +109,7 @@ def report(stats: dict[str, Any], name: str = "") -> list[str]:
 def text_coverage(texts, vocab: ConceptVocab) -> Coverage:
     """Coverage of the texts alone, as if the detector found every class in every image:
     the most any detector output can give (``cmal data coverage``)."""
-    from cmal.model.anchors import find_anchors, split_words
+    from cmal.data.anchors import find_anchors, split_words
 
     every = list(vocab.classes)
     ones = [1.0] * len(every)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cmal.data.anchors import ConceptVocab, default_stoplist, default_synonyms, read_names
 from cmal.data.convert import concept_names
 from cmal.data.errors import DataError
-from cmal.model.anchors import ConceptVocab, default_stoplist, default_synonyms, read_names
 
 
 def synonym_table(spec: str | Path = "default") -> dict[str, str | None]:

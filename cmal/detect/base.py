@@ -54,9 +54,9 @@ class DetectConfig:
 
 def detect_config(detector: str, settings: list[str]) -> DetectConfig:
     """Defaults, then ``detector``, then ``key=value`` settings (errors name the key)."""
-    from cmal.config import ConfigError, _fill
+    from cmal.config import ConfigError, fill
 
-    cfg = _fill(DetectConfig(detector=detector), None, settings)
+    cfg = fill(DetectConfig(detector=detector), None, settings)
     if not 0 <= cfg.min_confidence <= 1:
         raise ConfigError(f"min_confidence: must be in [0, 1], got {cfg.min_confidence}")
     if not 0 <= cfg.min_boxes <= cfg.max_boxes or cfg.max_boxes < 1:

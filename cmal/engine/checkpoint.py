@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from cmal.config import Config, ConfigError, config_hash, to_dict
+from cmal.engine.files import fsync_dir, write_atomic
 from cmal.engine.store import Store, StoreError
 from cmal.errors import RunError
 
@@ -43,25 +44,6 @@ LATEST = "latest"
 
 def step_dir(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -221,7 +203,7 @@ class Checkpointer:
                 if final.exists():  # the same step saved before (e.g. at the end, resumed)
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
                 write_atomic(self.dir / LATEST, final.name + "\n")
             except OSError as e:
                 failed = _why(e, tmp)

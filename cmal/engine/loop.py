@@ -29,7 +29,7 @@ from cmal.engine.deepspeed import World
 from cmal.engine.syncs import HostReads
 
 if TYPE_CHECKING:
-    from cmal.observe import Observer
+    from cmal.engine.observe import Observer
 
 PREEMPTED_EXIT = 75
 """Exit status of a run that saved on signal and wants to be started again (EX_TEMPFAIL)."""

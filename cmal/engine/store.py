@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from cmal.config import Config, ConfigError
+from cmal.engine.files import write_atomic
 from cmal.errors import RunError
 
 LATEST = "latest"
@@ -262,7 +263,5 @@ def local_run(path: str | Path, endpoint: str | None = None) -> Path:
     newest = store.newest_checkpoint()
     if newest:
         store.fetch_checkpoint(newest, local / "checkpoints" / newest)
-        from cmal.engine.checkpoint import write_atomic
-
         write_atomic(local / "checkpoints" / LATEST, newest + "\n")
     return local

@@ -2,7 +2,7 @@
 attention through ``scaled_dot_product_attention`` (flash/memory-efficient kernels on GPU).
 
 Parameter names follow BERT's layout closely enough that a BERT checkpoint maps onto it
-one tensor to one tensor (see ``cmal/pretrained.py``).
+one tensor to one tensor (see ``cmal/model/pretrained.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Downstream tasks. A task file is the only place that knows its dataset fields, its head,
 its loss, its official metric and its prediction format; this module holds what they share.
+
+Imports ``config``, ``model`` (the heads, the encoder it reads) and ``data`` (file
+readers, boxes); the engine never imports a task, the workflow hands one to it.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class FeatureNorm(nn.Module):
 class Objective(nn.Module):
     """What the engine trains when fine-tuning: item -> {"loss"}. An item holds either
     model inputs (``batch``…) or, in head-only fine-tuning, the frozen model's
-    ``features`` (B, k, width), already computed (see :mod:`cmal.head_only`)."""
+    ``features`` (B, k, width), already computed (see :mod:`cmal.workflow.head_only`)."""
 
     def __init__(self, task: Task, model: CMAL, head: nn.Module, info: dict[str, Any]):
         super().__init__()

@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cmal.data.anchors import ConceptVocab, tokenize_with_anchors
 from cmal.data.coverage import Coverage
 from cmal.data.errors import DataError
 from cmal.data.features import FeatureSource, Regions
 from cmal.data.schema import columns
-from cmal.model.anchors import ConceptVocab, tokenize_with_anchors
 
 
 @dataclass

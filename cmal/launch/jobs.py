@@ -26,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cmal.config import ClusterConfig, ConfigError, load_profile
 from cmal.data.errors import DataError
@@ -84,7 +85,7 @@ class JobSpec:
     def run(self) -> str:
         """Run it in this process; returns "done" or "preempted"."""
         if self.kind == "run":
-            from cmal.workflow import Runner, load_workflow
+            from cmal.workflow.runner import Runner, load_workflow
 
             return Runner(load_workflow(str(self.workflow), self.overrides)).run()
         if self.kind == "extract":
@@ -94,10 +95,10 @@ class JobSpec:
             return "done"
         if self.kind == "pretrain":
             from cmal.config import load_config
-            from cmal.stages import pretrain
+            from cmal.workflow.pretrain import pretrain
 
             return pretrain(load_config(self.config, self.overrides)).status
-        from cmal.downstream import finetune, finetune_config
+        from cmal.workflow.finetune import finetune, finetune_config
 
         cfg = finetune_config(str(self.task), self.source, self.config, self.overrides)
         return finetune(cfg)[0].status
@@ -426,3 +427,35 @@ def load(cluster: str | None, nodes: int | None = None, gpus: int | None = None)
     if nodes is not None and nodes < 1:
         raise ConfigError(f"--nodes {nodes}: must be >= 1")
     return path, load_profile(path, over)
+
+
+def submit(
+    spec: JobSpec,
+    cluster: str | None,
+    nodes: int | None,
+    gpus: int | None,
+    dry_run: bool,
+    shown: str,
+    echo: Callable[[str], Any],
+) -> int:
+    """Run ``spec`` where the profile ``cluster`` says: as a SLURM job (submitted, not waited
+    for) or as local processes (waited for). ``dry_run``: echo the job script, or the
+    command line, and ``shown`` (the resolved config), and run nothing. Returns the exit
+    status (a local run's; 0 for a submitted job)."""
+    path, prof = load(cluster, nodes, gpus)
+    if prof.executor == "slurm" and spec.kind != "extract":  # extract saves per image
+        spec.overrides = [*spec.overrides, f"checkpoint.signal=SIG{prof.signal}"]
+    if dry_run:
+        echo(f"# profile {path}: {prof.executor}, {prof.nodes} node(s)")
+        if prof.executor == "slurm":
+            echo(sbatch_script(prof, spec))
+        else:
+            echo("cmal " + " ".join(spec.argv()))
+        echo(shown)
+        return 0
+    if prof.executor == "local":
+        return run_local(prof, spec)
+    job = submit_slurm(prof, spec, f"--cluster {path}")
+    echo(f"submitted job {job}: {spec.kind} {spec.name} on {prof.nodes} node(s)")
+    echo(f"  cmal status {spec.name}   # logs: {Path(prof.jobs) / spec.name}")
+    return 0

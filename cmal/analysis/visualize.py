@@ -28,8 +28,8 @@ from cmal.config import Config, ConfigError, load_config
 
 
 def _load(run: Path) -> tuple[Config, torch.nn.Module]:
-    from cmal.downstream import pretrained_weights
-    from cmal.pretrained import build_model
+    from cmal.model.pretrained import build_model
+    from cmal.workflow.finetune import pretrained_weights
 
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run}: not a run folder (no config.yaml)")
@@ -117,7 +117,7 @@ def visualize(runs: list[Path], out: Path, shards: str | None = None, n: int = 2
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
-    from cmal.pretrained import load_tokenizer
+    from cmal.model.pretrained import load_tokenizer
 
     tok = load_tokenizer()
     out.mkdir(parents=True, exist_ok=True)

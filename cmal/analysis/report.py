@@ -2,7 +2,7 @@
 CMAL set against the contrastive baseline with a verdict, and a plot of each task's metric
 against the pre-training data fraction.
 
-A run is grouped by its name, ``<study>-<arm>-s<seed>-<task>`` (what ``cmal/study.py``
+A run is grouped by its name, ``<study>-<arm>-s<seed>-<task>`` (what ``cmal/workflow/study.py``
 names them); its numbers are its ``metrics.json``. For the plot, arms named ``cmal``,
 ``cmal-<pct>``, ``contrastive`` and ``contrastive-<pct>`` are the two methods at 100% and
 <pct>% of the pre-training pairs.
@@ -149,6 +149,15 @@ def comparisons(results: list[Result]) -> str:
             lines += [f"### {a} vs {b}", "", f"| task | split | {a} | {b} | difference | verdict |"]
             lines += ["|---|---|---|---|---|---|", *rows, ""]
     return "\n".join(lines)
+
+
+def markdown(results: list[Result]) -> str:
+    """What ``cmal report`` prints: the tables, then CMAL against the contrastive baseline."""
+    text = tables(results)
+    versus = comparisons(results)
+    if versus:
+        text += "\n## CMAL vs the contrastive baseline\n\n" + versus
+    return text
 
 
 def plot(results: list[Result], out: Path) -> Path | None:

@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from cmal.config import Config, ConfigError, load_config, save_config
 from cmal.model.cmal import CMAL
-from cmal.stages import announce, newest_weights, run_dir, sync_run, train_module
 from cmal.tasks import Objective, Task, get_task
+from cmal.workflow.pretrain import announce, newest_weights, run_dir, sync_run, train_module
 
 
 def _join(root: str, sub: str) -> str:
@@ -117,7 +117,7 @@ def finetune(cfg: Config, force: bool = False, quiet: bool = False, evaluate: bo
     evaluate on ``task.eval_splits``; returns (outcome, metrics)."""
     from cmal.engine.deepspeed import init_world
     from cmal.engine.lock import run_lock
-    from cmal.pretrained import build_model
+    from cmal.model.pretrained import build_model
 
     if cfg.task.name is None:
         raise ConfigError("fine-tuning needs a task (--task vqa|ve|nlvr2|rec or task.name)")

@@ -115,7 +115,7 @@ def train_module(
     dataset = open_dataset(cfg.data, feature_dim=fdim, num_concepts=concepts)
     loader = make_loader(cfg.data, dataset, cfg.model.max_text_len, cfg.model.max_regions)
     if cfg.task.head_only:
-        from cmal.head_only import feature_loader
+        from cmal.workflow.head_only import feature_loader
 
         loader = feature_loader(module, loader, cfg, world, newest is None, quiet)
     if data_state:
@@ -150,7 +150,7 @@ def make_observer(cfg: Config, world, module: nn.Module, log: Path):
     """This rank's Prometheus metrics, labelled with the run, stage, rank and job."""
     import torch.distributed as dist
 
-    from cmal.observe import Observer, count_starts
+    from cmal.engine.observe import Observer, count_starts
 
     restarts = [count_starts(log) if world.is_main else 0]
     if world.size > 1:
@@ -214,7 +214,7 @@ def pretrain(cfg: Config, force: bool = False, quiet: bool = False):
     """Pre-train (or resume) the run named by ``cfg.name``; returns the loop's Outcome."""
     from cmal.engine.deepspeed import init_world
     from cmal.engine.lock import run_lock
-    from cmal.pretrained import build_model
+    from cmal.model.pretrained import build_model
 
     stats = data_concepts(cfg)
     world = init_world(cfg)

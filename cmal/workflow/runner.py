@@ -73,7 +73,7 @@ def load_workflow(
         raise ConfigError(f"workflow file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
     if isinstance(data, dict) and "study" in data and "stages" not in data:
-        from cmal.study import expand
+        from cmal.workflow.study import expand
 
         name = data.get("name") or path.stem
         data["stages"] = expand(name, data.pop("study"), path, quick, arms, seeds)
@@ -275,7 +275,7 @@ class Runner:
     def _set_aside(self, name: str, run: Path) -> None:
         """Move a run folder trained on other inputs out of the way (resuming it would
         continue, or skip as finished, a training on the old ones)."""
-        from cmal.stages import run_store, run_url
+        from cmal.workflow.pretrain import run_store, run_url
 
         cfg = self.configs[name]
         store = run_store(cfg)
@@ -310,7 +310,7 @@ class Runner:
         if kind == "world":
             from cmal.data.convert.world import convert_world
             from cmal.data.world import WorldConfig, generate
-            from cmal.pretrained import load_tokenizer
+            from cmal.model.pretrained import load_tokenizer
 
             out = Path(inputs["out"])
             noise = _noise(inputs.get("noise", {}), "noise")
@@ -326,7 +326,7 @@ class Runner:
             )
             return "done", {"world": str(out), "shards": str(out / "shards")}
         if kind == "pretrain":
-            from cmal.stages import pretrain
+            from cmal.workflow.pretrain import pretrain
 
             cfg = self.config(st, [])
             outcome = pretrain(cfg, quiet=True)
@@ -336,7 +336,7 @@ class Runner:
                 "losses": outcome.losses,
             }
         if kind == "finetune":
-            from cmal.downstream import finetune
+            from cmal.workflow.finetune import finetune
 
             init = inputs["from"]
             extra = [
@@ -345,7 +345,7 @@ class Runner:
             ]
             outcome, _ = finetune(self.config(st, extra), quiet=True, evaluate=False)
             return outcome.status, {"run": inputs["run"], "step": outcome.step}
-        from cmal.downstream import evaluate, metrics_table
+        from cmal.workflow.finetune import evaluate, metrics_table
 
         metrics = evaluate(inputs["run"], st["task"], st.get("splits"), quiet=True)
         self.echo(metrics_table(st["task"], metrics))
@@ -368,6 +368,6 @@ def _present(rec: dict[str, Any]) -> bool:
 
 
 def _run(cfg: Config) -> Path:
-    from cmal.stages import run_dir
+    from cmal.workflow.pretrain import run_dir
 
     return run_dir(cfg)

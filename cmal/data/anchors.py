@@ -115,14 +115,14 @@ def _norm(phrase: str) -> str:
 @lru_cache(maxsize=1)
 def default_synonyms() -> dict[str, str]:
     """The synonym table shipped with the package (word or phrase -> concept)."""
-    raw = json.loads(resources.files("cmal.model").joinpath("synonyms.json").read_text())
+    raw = json.loads(resources.files("cmal.data").joinpath("synonyms.json").read_text())
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
 @lru_cache(maxsize=1)
 def default_stoplist() -> frozenset[str]:
     """The shipped stop-list: detector classes that are not objects (one per line)."""
-    text = resources.files("cmal.model").joinpath("stoplist.txt").read_text()
+    text = resources.files("cmal.data").joinpath("stoplist.txt").read_text()
     return frozenset(read_names(text.splitlines()))
 
 

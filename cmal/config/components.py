@@ -1,30 +1,17 @@
-"""The configuration tree: one dataclass per component, loaded from YAML, overridden by
-dotted command-line options (``model.unified.layers=2``), validated with errors that name
-the file and the key.
-
-A YAML file may start with ``base: other.yaml`` (or a list of files, paths relative to
-the file itself); the bases are merged first, then the file, then the overrides.
-"""
+"""The configuration tree: one dataclass per component (the model's parts, data, optim,
+engine, checkpoint, observe, cluster, task), the run's :class:`Config` over them, and the
+cross-field checks and hash of a resolved run config."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the user: names the source and the key."""
-
+from cmal.config.files import fill, requirer, to_dict
 
 # --------------------------------------------------------------------------- components
 
@@ -328,7 +315,7 @@ class ObserveConfig:
     """Folder where each rank writes a Prometheus file_sd entry for its endpoint
     (``cluster/prometheus.yml`` reads it); None: none written."""
     peak_tflops: float | None = None
-    """Device peak for MFU, TFLOP/s; None: the table in ``cmal.observe`` (GPUs only)."""
+    """Device peak for MFU, TFLOP/s; None: the table in ``cmal.engine.observe`` (GPUs only)."""
 
 
 @dataclass
@@ -433,10 +420,7 @@ class Config:
 def _check_values(cfg: Config, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
 
-    def need(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise ConfigError(f"{source}: {key}: {why}")
-
+    need = requirer(source)
     ob = cfg.observe
     need(ob.port is None or 1 <= ob.port <= 65535, "observe.port", "must be a port, 1-65535")
     need(ob.push_every_s > 0, "observe.push_every_s", "must be > 0")
@@ -495,141 +479,9 @@ def _check_values(cfg: Config, source: str) -> None:
     )
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key, source)
-            except ConfigError as e:
-                errors.append(str(e))
-        names = " or ".join(_type_name(o) for o in options if o is not type(None))
-        raise ConfigError(f"{source}: {key}: expected {names}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)[:1] or (Any,)
-        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key}: expected int, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
-            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}: expected float, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise ConfigError(f"{source}: {key}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}: expected str, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
-
-
-def _apply(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
-    """Write the mapping ``data`` into the dataclass ``obj`` in place, checking every key."""
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {dotted}: expected a mapping, got {value!r}")
-            _apply(getattr(obj, key), value, source, dotted + ".")
-        else:
-            setattr(obj, key, _coerce(value, tp, dotted, source))
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
-    """The file's layers in merge order: its bases (recursively) first, then itself."""
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: 'base' includes itself")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    bases = data.pop("base", None) or []
-    if isinstance(bases, str):
-        bases = [bases]
-    layers: list[tuple[str, dict[str, Any]]] = []
-    for base in bases:
-        layers += _read_yaml(path.parent / base, seen + (path,))
-    layers.append((str(path), data))
-    return layers
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``a.b.c=value`` -> (``a.b.c``, YAML-parsed value)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"command line: override {text!r} must look like key.path=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
-
-
-def _fill(obj: Any, path: str | Path | None, overrides: list[str] | None) -> Any:
-    """Defaults of the dataclass ``obj``, then ``path`` (with its bases), then overrides."""
-    if path is not None:
-        for source, data in _read_yaml(Path(path)):
-            _apply(obj, data, source)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _apply(obj, _nest(key, value), f"command line ({text})")
-    return obj
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a :class:`Config`: defaults, then ``path`` (with its bases), then overrides."""
-    cfg = _fill(Config(), path, overrides)
+    cfg = fill(Config(), path, overrides)
     where = [str(path)] if path else []
     if overrides:
         where.append("command line")
@@ -639,29 +491,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def load_profile(path: str | Path, overrides: list[str] | None = None) -> ClusterConfig:
     """A cluster profile: defaults, the YAML file, then overrides (``nodes=4``)."""
-    prof = _fill(ClusterConfig(), path, overrides)
+    prof = fill(ClusterConfig(), path, overrides)
+    need = requirer(str(path))
     for key in ("time_min", "nodes", "signal_delay_s"):
-        if getattr(prof, key) < 1:
-            raise ConfigError(f"{path}: {key}: must be >= 1, got {getattr(prof, key)}")
+        need(getattr(prof, key) >= 1, key, f"must be >= 1, got {getattr(prof, key)}")
     for key in ("gpus_per_node", "max_requeues"):
-        if getattr(prof, key) < 0:
-            raise ConfigError(f"{path}: {key}: must be >= 0, got {getattr(prof, key)}")
-    if prof.tasks_per_node is not None and prof.tasks_per_node < 1:
-        raise ConfigError(f"{path}: tasks_per_node: must be >= 1")
+        need(getattr(prof, key) >= 0, key, f"must be >= 0, got {getattr(prof, key)}")
+    need(prof.tasks_per_node is None or prof.tasks_per_node >= 1, "tasks_per_node", "must be >= 1")
     for line in prof.sbatch:
-        if not line.startswith("--"):
-            raise ConfigError(f"{path}: sbatch: {line!r} must be an option like --exclusive")
+        need(line.startswith("--"), "sbatch", f"{line!r} must be an option like --exclusive")
     return prof
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg: Any) -> str:
-    """The resolved config as YAML, as printed at start and saved with every run."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 HASH_EXEMPT = (
@@ -698,14 +537,3 @@ def config_hash(cfg: Any) -> str:
             del data[section]
     blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def save_config(cfg: Any, folder: str | Path) -> Path:
-    """Write ``config.yaml`` into ``folder`` (atomically) and return its path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "config.yaml"
-    tmp = folder / ".config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(target)
-    return target

@@ -1,0 +1,65 @@
+"""A public data set's annotation files joined with its region features, written as
+shards: the library behind ``cmal data convert``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cmal.data.convert import (
+    Converted,
+    SampleBuilder,
+    check_out,
+    read_aliases,
+    read_classes,
+    write_shards,
+)
+from cmal.data.convert.readers import annotation_records
+from cmal.data.errors import DataError
+from cmal.data.features import FeatureSource
+from cmal.data.vocab import make_vocab
+from cmal.model.pretrained import load_tokenizer
+
+
+def convert_public(
+    fmt: str,
+    features: str,
+    out: Path,
+    files: dict[str, Any],
+    *,
+    classes: Path | None,
+    attributes: Path | None,
+    synonyms: str,
+    stoplist: str,
+    labels: Path | None,
+    hw: Path | None,
+    max_text_len: int,
+    max_regions: int,
+    on_bad_sample: str,
+    warn: Callable[[str], None],
+) -> Converted:
+    """Convert format ``fmt`` (its annotation ``files``, keyed as
+    :func:`~cmal.data.convert.readers.annotation_records` takes them) joined with the region
+    ``features`` into shards under ``out``. ``warn`` hears what makes anchors unlikely."""
+    if on_bad_sample not in ("error", "skip"):
+        raise DataError(f"--on-bad-sample must be error or skip, got {on_bad_sample!r}")
+    check_out(out)
+    task, records = annotation_records(fmt, **files)
+    names = read_classes(classes)
+    attrs = read_classes(attributes)
+    if attrs is not None and names is None:
+        raise DataError("--attributes needs --classes (attribute tags name a class too)")
+    source = FeatureSource(features, names, attrs, labels, hw)
+    hint = source.tag_source()
+    if hint:
+        warn(f"{hint}; without classes no sample has an anchor")
+    if names is None:
+        found = sorted({t for k in source.keys() for t in source[k].tags} - {""})
+        vocab = make_vocab(found, None, None, synonyms, stoplist)
+    else:
+        vocab = make_vocab(names, attrs, read_aliases(classes), synonyms, stoplist)
+    if len(vocab) == 0:
+        warn("the anchor vocabulary is empty: no sample can have an anchor")
+    builder = SampleBuilder(source, vocab, load_tokenizer(), max_text_len, max_regions)
+    return write_shards(records, builder, out, task, on_bad_sample)  # type: ignore[arg-type]
