@@ -184,7 +184,9 @@ def main() -> int:
 
         name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
         say(f"# {name}; torch {torch.__version__}; python {sys.version.split()[0]}", log)
-        args.peak = round(matmul_peak(torch.device(args.device), torch.bfloat16), 2)
+        # 3 significant digits, not 2 decimals: a busy CPU measures < 0.005 TFLOP/s, which
+        # rounded to 0.0 and turned MFU off (observe reads a 0 peak as none given).
+        args.peak = float(f"{matmul_peak(torch.device(args.device), torch.bfloat16):.3g}")
         say(f"# measured bf16 matmul peak: {args.peak} TFLOP/s (MFU below is against it)", log)
         world, runs = Path(tmp) / "world", Path(tmp) / "runs"
         t = time.time()
