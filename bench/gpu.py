@@ -1,7 +1,8 @@
 """The GPU check as one prepared run (bench/gpu.sh starts it on a lent GPU):
 
 1. the device, torch and DeepSpeed versions;
-2. a scene world, then a 1-GPU pre-training of ``--steps`` steps in bf16 (ZeRO-2) with
+2. a scene world, then a 1-GPU pre-training of ``--steps`` steps in bf16 (ZeRO-2;
+   ``--precision fp32`` for a dry run on a CPU without native bf16) with
    its ``/metrics`` endpoint on, scraped while it runs: ``cmal_mfu`` and
    ``cmal_gpu_utilization`` as Prometheus serves them;
 3. save on signal and resume: the same run stopped by SIGUSR2 half-way (exit 75), then
@@ -76,7 +77,7 @@ def pretrain_args(args, world: Path, runs: Path, name: str, steps: int, every: i
         f"engine.log_every={every}",
         "engine.eval_every=0",
         "engine.zero_stage=2",
-        "engine.precision=bf16",
+        f"engine.precision={args.precision}",
         f"engine.device={args.device}",
         f"checkpoint.root={runs}",
         f"checkpoint.every={steps}",
@@ -150,7 +151,7 @@ def part_step(args, log) -> bool:
     cmd = [sys.executable, str(ROOT / "bench/step.py"), "--size", args.size, "--batch",
            args.batch, "--steps", str(args.step_steps), "--warmup", str(args.warmup),
            "--peak", str(args.peak), "--profile", "3", *(["--skip-bert"] if args.skip_bert else []),
-           "engine.precision=bf16", f"engine.device={args.device}"]  # fmt: skip
+           f"engine.precision={args.precision}", f"engine.device={args.device}"]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     for line in res.stdout.splitlines():
         say("  " + line, log)
@@ -169,6 +170,10 @@ def main() -> int:
     ap.add_argument("--step-steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--skip-bert", action="store_true")
+    ap.add_argument(
+        "--precision", default="bf16", choices=("bf16", "fp32"),
+        help="fp32 for a dry run on a CPU without native bf16 (emulated bf16 is ~10x slower)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.device == "cpu":
         args.step_steps, args.warmup, args.skip_bert = 2, 1, True
@@ -186,8 +191,10 @@ def main() -> int:
         say(f"# {name}; torch {torch.__version__}; python {sys.version.split()[0]}", log)
         # 3 significant digits, not 2 decimals: a busy CPU measures < 0.005 TFLOP/s, which
         # rounded to 0.0 and turned MFU off (observe reads a 0 peak as none given).
-        args.peak = float(f"{matmul_peak(torch.device(args.device), torch.bfloat16):.3g}")
-        say(f"# measured bf16 matmul peak: {args.peak} TFLOP/s (MFU below is against it)", log)
+        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+        args.peak = float(f"{matmul_peak(torch.device(args.device), dtype):.3g}")
+        say(f"# measured {args.precision} matmul peak: {args.peak} TFLOP/s (MFU is against it)",
+            log)  # fmt: skip
         world, runs = Path(tmp) / "world", Path(tmp) / "runs"
         t = time.time()
         res = subprocess.run(
@@ -201,9 +208,10 @@ def main() -> int:
             say(res.stderr[-1500:], log)
             return 1
         for title, part in (
-            ("pre-training, bf16, ZeRO-2, metrics", lambda: part_pretrain(args, world, runs, log)),
+            (f"pre-training, {args.precision}, ZeRO-2, metrics",
+             lambda: part_pretrain(args, world, runs, log)),
             ("save on signal, then resume", lambda: part_signal(args, world, runs, log)),
-            ("bench/step.py, bf16", lambda: part_step(args, log)),
+            (f"bench/step.py, {args.precision}", lambda: part_step(args, log)),
         ):  # fmt: skip
             t = time.time()
             say(f"## {title}", log)
