@@ -1,5 +1,5 @@
-"""The ``cmal`` command line, one module per command group, each command a thin call into
-the library (it parses, loads the config, calls one function, prints its result):
+"""The ``cmal`` command line, one module per command group, each command thin: it parses,
+loads the config, calls the library and prints the result:
 
 - ``inspect``: ``config show``, ``model summary``
 - ``data``: ``data world|convert|coverage``, ``extract``
