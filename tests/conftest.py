@@ -97,6 +97,21 @@ def world(tmp_path_factory):
     return root
 
 
+def write_shard_set(folder: Path, task: str, texts: list[dict], images: list[dict]) -> Path:
+    """A hand-made shard set: ``texts`` (text columns) and ``images`` (image-store rows)."""
+    from streaming import MDSWriter
+
+    from cmal.data.schema import IMAGE_COLUMNS, IMAGES, columns
+
+    with MDSWriter(out=str(folder), columns=columns(task), hashes=["sha1"]) as w:
+        for t in texts:
+            w.write(t)
+    with MDSWriter(out=str(folder / IMAGES), columns=IMAGE_COLUMNS, hashes=["sha1"]) as w:
+        for image in images:
+            w.write(image)
+    return folder
+
+
 def _free_port() -> int:
     import socket
 

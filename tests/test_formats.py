@@ -11,25 +11,16 @@ import struct
 import numpy as np
 import pytest
 from conftest import ROOT
-from streaming import StreamingDataset
 from typer.testing import CliRunner
 
 from cmal.cli import app
 from cmal.data.anchors import find_anchors, split_words
-from cmal.data.convert import (
-    SampleBuilder,
-    coco,
-    karpathy,
-    nlvr2,
-    read_classes,
-    refcoco,
-    snli_ve,
-    vg,
-    vqa,
-    write_shards,
-)
+from cmal.data.convert import coco, karpathy, nlvr2, read_classes, refcoco, snli_ve, vg, vqa
+from cmal.data.convert.parts import write_shards
+from cmal.data.convert.write import SampleBuilder
 from cmal.data.errors import DataError
 from cmal.data.features import FeatureSource, encode_b64, key_forms, lxmert_line
+from cmal.data.images import read_shard_set
 from cmal.data.vocab import make_vocab
 from cmal.model.pretrained import load_tokenizer
 
@@ -175,8 +166,7 @@ def py2_pickle(obj) -> bytes:
 
 
 def read(out) -> list[dict]:
-    ds = StreamingDataset(local=str(out), shuffle=False)
-    return [ds[i] for i in range(len(ds))]
+    return list(read_shard_set(out))
 
 
 def build(features, vocab=None, **kw) -> SampleBuilder:

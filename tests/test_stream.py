@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from conftest import ROOT, _free_port, start_moto
-from streaming import StreamingDataset
+from conftest import ROOT, _free_port, start_moto, write_shard_set
 from streaming.base.util import clean_stale_shared_memory
 
 from cmal.config import ConfigError, load_config
 from cmal.data.errors import DataError
+from cmal.data.images import read_shard_set
 from cmal.data.stream import make_loader, open_dataset, release
 
 
@@ -42,8 +43,7 @@ def epoch(data_cfg, stop_after: int | None = None, state=None):
 
 
 def all_ids(folder) -> list[str]:
-    ds = StreamingDataset(local=str(folder), shuffle=False)
-    return [ds[i]["id"] for i in range(len(ds))]
+    return [s["id"] for s in read_shard_set(folder)]
 
 
 def test_local_epoch_covers_every_sample_once(world, tmp_path):
@@ -139,15 +139,17 @@ def test_two_ranks_two_workers_are_disjoint_and_cover(world, tmp_path):
     assert sorted(r0 + r1) == sorted(all_ids(shards))
 
 
-def test_corrupted_shard_is_named(world, tmp_path):
+@pytest.mark.parametrize("store", [".", "images"])
+def test_corrupted_shard_is_named(world, tmp_path, store):
     src = tmp_path / "src"
     shutil.copytree(world / "shards/vqa/val", src)
-    shard = next(src.glob("*.mds"))
+    shard = next((src / store).glob("*.mds"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=rf"shard .*{shard.name}.* failed its sha1 check"):
         epoch(cfg_for(str(src), tmp_path / "c", "data.workers=0"))
+    assert not list((tmp_path / "c" / "images").glob(".*part*"))  # nothing half-copied kept
 
 
 def test_missing_folder_bucket_and_bad_credentials(s3, tmp_path):
@@ -166,28 +168,17 @@ def test_missing_folder_bucket_and_bad_credentials(s3, tmp_path):
 
 
 def test_bad_sample_is_named_or_skipped(tmp_path):
-    import numpy as np
-    from streaming import MDSWriter
+    def image(key: str, dim: int) -> dict:
+        return {"key": key, "feats": np.zeros((2, dim), np.float16),
+                "boxes": np.zeros((2, 4), np.float32), "concepts": np.zeros(2, np.int32),
+                "tags": ["dog", "cat"], "confidences": np.ones(2, np.float32)}  # fmt: skip
 
-    from cmal.data.schema import columns
-
-    good = {
-        "id": "ok",
-        "image": "1",
-        "text": "a dog",
-        "input_ids": np.array([101, 1037, 3899, 102], np.int32),
-        "anchors": [[2, 0, 0]],
-        "feats": np.zeros((2, 128), np.float16),
-        "boxes": np.zeros((2, 4), np.float32),
-        "concepts": np.zeros(2, np.int32),
-        "tags": ["dog", "cat"],
-        "confidences": np.ones(2, np.float32),
-    }
-    bad = {**good, "id": "broken", "feats": np.zeros((2, 7), np.float16)}
-    with MDSWriter(out=str(tmp_path / "s"), columns=columns("pretrain"), hashes=["sha1"]) as w:
-        for s in (good, bad, good):
-            w.write(s)
-    with pytest.raises(DataError, match=r"sample 'broken' \(image '1'\): feats: shape \(2, 7\)"):
+    ids = np.array([101, 1037, 3899, 102], np.int32)
+    good = {"id": "ok", "image": "1", "image_row": 0, "text": "a dog", "input_ids": ids,
+            "anchors": [[2, 0, 0]]}  # fmt: skip
+    bad = {**good, "id": "broken", "image": "2", "image_row": 1}
+    write_shard_set(tmp_path / "s", "pretrain", [good, bad, good], [image("1", 128), image("2", 7)])
+    with pytest.raises(DataError, match=r"sample 'broken' \(image '2'\): feats: shape \(2, 7\)"):
         epoch(cfg_for(str(tmp_path / "s"), tmp_path / "c", "data.workers=0", "data.shuffle=false"))
     clean_stale_shared_memory()
     data = cfg_for(
@@ -196,8 +187,8 @@ def test_bad_sample_is_named_or_skipped(tmp_path):
     batches = list(make_loader(data, open_dataset(data, feature_dim=128), 40, 36))
     assert sum(b["skipped"] for b in batches) == 1 and sum(len(b["ids"]) for b in batches) == 2
     # Concept ids beyond model.num_concepts: shards and config disagree, never skipped.
-    with MDSWriter(out=str(tmp_path / "wide"), columns=columns("pretrain"), hashes=["sha1"]) as w:
-        w.write({**good, "anchors": [[2, 0, 3]]})
+    write_shard_set(tmp_path / "wide", "pretrain", [{**good, "anchors": [[2, 0, 3]]}],
+                    [image("1", 128)])  # fmt: skip
     wide = cfg_for(
         str(tmp_path / "wide"), tmp_path / "c3", "data.workers=0", "data.on_bad_sample=skip"
     )
@@ -206,6 +197,20 @@ def test_bad_sample_is_named_or_skipped(tmp_path):
         ConfigError, match=r"model.num_concepts is 3 but sample 'ok' has concept id 3"
     ):
         open_dataset(wide, feature_dim=128, num_concepts=3)[0]
+    # A text naming another image than its row holds: the store is not these shards'.
+    write_shard_set(tmp_path / "mixed", "pretrain", [{**good, "image": "9"}], [image("1", 128)])
+    with pytest.raises(DataError, match=r"image row 0 holds image '1', not '9'"):
+        epoch(cfg_for(str(tmp_path / "mixed"), tmp_path / "c4", "data.workers=0"))
+
+
+def test_shards_of_the_old_layout_get_one_line_naming_the_command(tmp_path):
+    from streaming import MDSWriter
+
+    columns = {"id": "str", "image": "str", "text": "str", "feats": "ndarray:float16"}
+    with MDSWriter(out=str(tmp_path / "old"), columns=columns, hashes=["sha1"]) as w:
+        w.write({"id": "1", "image": "1", "text": "a dog", "feats": np.zeros((2, 4), np.float16)})
+    with pytest.raises(DataError, match=r"old layout .*write them again with `cmal data convert`"):
+        open_dataset(cfg_for(str(tmp_path / "old"), tmp_path / "c"))
 
 
 def test_reconverted_source_is_never_read_stale(world, tmp_path):

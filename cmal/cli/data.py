@@ -83,11 +83,16 @@ def data_convert(
     max_text_len: int = typer.Option(40, help="Wordpieces kept per text."),
     max_regions: int = typer.Option(36, help="Regions kept per image (highest confidence)."),
     on_bad_sample: str = typer.Option("error", help="error or skip (and count)"),
+    workers: int = typer.Option(
+        1, min=1, help="Processes, each writing a slice of the images (merged at the end)."
+    ),
 ) -> None:
     """Write MDS shards from a public annotation format joined with region features, and
     report the anchor coverage (also in OUT/anchor_stats.json)."""
+    import json
+
     from cmal.data.convert.public import convert_public
-    from cmal.data.coverage import report
+    from cmal.data.coverage import STATS_FILE, report
 
     files = {"captions": captions, "splits": splits, "regions": regions, "questions": questions,
              "annotations": annotations, "jsonl": jsonl, "statements": statements, "refs": refs,
@@ -95,12 +100,16 @@ def data_convert(
     done = convert_public(
         fmt, features, out, files, classes=classes, attributes=attributes, synonyms=synonyms,
         stoplist=stoplist, labels=labels, hw=hw, max_text_len=max_text_len,
-        max_regions=max_regions, on_bad_sample=on_bad_sample,
+        max_regions=max_regions, on_bad_sample=on_bad_sample, workers=workers,
         warn=lambda text: typer.echo(f"warning: {text}", err=True),
     )  # fmt: skip
-    stats = done.coverage.summary()
+    assert done is not None
+    stats = json.loads((out / STATS_FILE).read_text())
+    rate = f"{done.images / done.seconds:.1f} images/s" if done.seconds else ""
     typer.echo(
-        f"wrote {done.samples} samples ({done.anchors} anchors, {done.skipped} skipped) to {out}"
+        f"wrote {done.samples} samples ({done.anchors} anchors, {done.skipped} skipped) of "
+        f"{done.images} images to {out} in {done.seconds:.1f} s ({rate}, {workers} process"
+        f"{'es' if workers > 1 else ''})"
     )
     for line in report(stats):
         typer.echo(line)

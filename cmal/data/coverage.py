@@ -21,6 +21,8 @@ STATS_FILE = "anchor_stats.json"
 VOCAB_FILE = "concepts.json"
 TOP = 20
 """Concepts listed in the report."""
+COUNTERS = ("samples", "with_anchor", "anchors", "regions", "tagged_regions",
+            "untagged_regions", "skipped")  # fmt: skip
 
 
 @dataclass
@@ -39,15 +41,21 @@ class Coverage:
     skipped: int = 0
     by_concept: Counter = field(default_factory=Counter)
 
-    def add(self, sample: dict[str, Any]) -> None:
-        """Count a written sample (both images of an NLVR2 pair)."""
+    def add(
+        self,
+        sample: dict[str, Any],
+        image: dict[str, Any],
+        image2: dict[str, Any] | None = None,
+    ) -> None:
+        """Count a written text sample with its image's store row (and NLVR2's second)."""
         found: list[int] = []
-        for suffix in ("", "2") if "image2" in sample else ("",):
+        for suffix, row in (("", image), ("2", image2)):
+            if row is None:
+                continue
             found += [c for _, _, c in sample[f"anchors{suffix}"]]
-            concepts = sample[f"concepts{suffix}"]
-            self.regions += len(concepts)
-            self.tagged_regions += int((concepts >= 0).sum())
-            self.untagged_regions += sum(t == "" for t in sample[f"tags{suffix}"])
+            self.regions += len(row["concepts"])
+            self.tagged_regions += int((row["concepts"] >= 0).sum())
+            self.untagged_regions += sum(t == "" for t in row["tags"])
         self.count(found)
 
     def count(self, concepts: list[int]) -> None:
@@ -56,6 +64,22 @@ class Coverage:
         self.anchors += len(concepts)
         self.with_anchor += len(concepts) > 0
         self.by_concept.update(self.vocab.concepts[c] for c in concepts)
+
+    def counts(self) -> dict[str, Any]:
+        """The counters, as JSON (a conversion part's share of the coverage)."""
+        return {k: getattr(self, k) for k in COUNTERS} | {"by_concept": dict(self.by_concept)}
+
+    @classmethod
+    def from_counts(cls, vocab: ConceptVocab, counts: dict[str, Any]) -> Coverage:
+        return cls(
+            vocab, **{k: counts[k] for k in COUNTERS}, by_concept=Counter(counts["by_concept"])
+        )
+
+    def merge(self, other: Coverage) -> None:
+        """Add another part's counts to these."""
+        for k in COUNTERS:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.by_concept.update(other.by_concept)
 
     def never_matched(self) -> list[str]:
         """Classes (not stop-listed) whose concept never made an anchor."""

@@ -23,39 +23,32 @@ import torch
 
 from cmal.config import ConfigError, DataConfig
 from cmal.data.errors import DataError
+from cmal.data.images import ImageStore, attach, text_index
+from cmal.data.mds import map_readers
+from cmal.data.schema import IMAGES
+from cmal.data.source import join, read_bytes
 from cmal.model.cmal import Batch
 from cmal.model.prompt import Anchors
 
 
-def _index_bytes(remote: str) -> bytes | None:
-    """The source's index.json (None when it cannot be read; opening then says why)."""
-    if not remote.startswith("s3://"):
-        path = Path(remote) / "index.json"
-        return path.read_bytes() if path.is_file() else None
-    import boto3
-
-    bucket, _, prefix = remote[len("s3://") :].partition("/")
-    try:
-        client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
-        key = f"{prefix.rstrip('/')}/index.json" if prefix else "index.json"
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except Exception:
-        return None
-
-
 def cache_folder(cfg: DataConfig, remote: str) -> str:
     """The local cache of a source: ``cfg.local``, or a temp folder named by the source and
-    the content of its index.json — so shards converted again are never read stale."""
-    index = _index_bytes(remote)
+    the content of its two index.json files (texts, images) — so shards converted again
+    are never read stale."""
+    indexes = [
+        read_bytes(join(remote, "index.json")),
+        read_bytes(join(remote, IMAGES, "index.json")),
+    ]
     if cfg.local:
-        cached = Path(cfg.local) / "index.json"
-        if index is not None and cached.is_file() and cached.read_bytes() != index:
-            raise DataError(
-                f"data.local={cfg.local} holds a cache of another version of {remote}; "
-                "delete that folder or point data.local elsewhere"
-            )
+        for index, name in zip(indexes, ("index.json", f"{IMAGES}/index.json"), strict=True):
+            cached = Path(cfg.local) / name
+            if index is not None and cached.is_file() and cached.read_bytes() != index:
+                raise DataError(
+                    f"data.local={cfg.local} holds a cache of another version of {remote}; "
+                    "delete that folder or point data.local elsewhere"
+                )
         return cfg.local
-    tag = hashlib.sha1(remote.encode() + (index or b"")).hexdigest()[:16]
+    tag = hashlib.sha1(remote.encode() + b"".join(i or b"" for i in indexes)).hexdigest()[:16]
     return str(Path(tempfile.gettempdir()) / "cmal-cache" / tag)
 
 
@@ -144,31 +137,65 @@ def open_dataset(
     """A StreamingDataset over ``remote`` (default ``cfg.remote``) returning decoded samples
     (checked against the model's ``feature_dim`` and, for pre-training, ``num_concepts``)."""
     from streaming import StreamingDataset
+    from streaming.base.dataset import _Iterator, _ShardState
 
     remote = remote or cfg.remote
     if not remote.startswith("s3://"):
         check_shard_folder(remote)
         remote = str(Path(remote).resolve())
     _s3_env(cfg)
+    local = cache_folder(cfg, remote)
+    try:
+        text_index(remote)
+        images = ImageStore(remote, Path(local) / IMAGES, cfg.validate_hash)
+    except DataError as e:
+        if remote.startswith("s3://") and "cannot open shards" in str(e):
+            raise _explain(remote, _probe_s3(remote) or FileNotFoundError()) from None
+        raise
 
     class Decoded(StreamingDataset):
-        _failure: Exception | None = None
-
-        def on_exception(self, future) -> None:
-            # Streaming's download threads end the epoch early and only log their error;
-            # keep it, so that __iter__ can raise it instead of ending a short epoch quietly.
-            if future.exception() is not None:
-                self._failure = future.exception()
-            super().on_exception(future)
+        def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            # Streaming's download thread calls this for every sample, taking a file lock
+            # each time (~400 µs a sample here, more than reading it): a shard already in
+            # the cache needs nothing (only a cache_limit, which cmal never sets, would
+            # use the access time it also records).
+            if self._shard_states[shard_id] != _ShardState.LOCAL:
+                super().prepare_shard(shard_id, blocking)
 
         def __iter__(self):
-            yield from super().__iter__()
-            if self._failure is not None:
-                raise _shard_error(remote, self._failure)
+            # Streaming's own __iter__ runs a download thread and a ready thread beside the
+            # yield loop, each stepping through every sample under locks: ~140 µs a sample
+            # here, as much as reading it. This loop yields the same samples in the same
+            # order (the same partition of the same epoch, so resume and world-size changes
+            # are streaming's) and fetches a text shard when it first needs one: text
+            # shards are few and small (~250 bytes a text), the features are in the store.
+            if hasattr(self, "_iterator"):
+                self._iterator.exit()
+            self._unique_worker_world = self._unique_rank_world.detect_workers()
+            self._parallel_worker_world = self._parallel_rank_world.detect_workers()
+            epoch, sample_in_epoch = self._resume_incr_epoch()
+            sample_ids = self._get_work(epoch, sample_in_epoch)
+            self._iterator = it = _Iterator(sample_ids)
+            for _ in range(it._num_threads_to_exit):
+                it.on_exit()  # no download or ready thread to wait for
+            ready: set[int] = set()
+            for sample_id in sample_ids.tolist():
+                if it.should_exit():
+                    return
+                if sample_id == -1:
+                    continue
+                shard_id = self.spanner[sample_id][0]
+                if shard_id not in ready:
+                    try:
+                        self.prepare_shard(shard_id, blocking=True)
+                    except Exception as e:
+                        raise _shard_error(remote, e) from None
+                    ready.add(shard_id)
+                yield self[sample_id]
 
         def __getitem__(self, idx: int) -> dict[str, Any] | None:
             try:
-                raw = super().__getitem__(idx)
+                raw = attach(super().__getitem__(idx), images)
             except DataError:
                 raise
             except Exception as e:
@@ -176,15 +203,17 @@ def open_dataset(
             return decode(raw, cfg, feature_dim, num_concepts)
 
     try:
-        return Decoded(
+        dataset = Decoded(
             remote=remote,
-            local=cache_folder(cfg, remote),
+            local=local,
             shuffle=cfg.shuffle,
             shuffle_seed=cfg.shuffle_seed,
             batch_size=cfg.batch_size * cfg.bucket_pool,  # as the loader draws them
             validate_hash="sha1" if cfg.validate_hash else None,
             **kw,
         )
+        map_readers(dataset.shards)
+        return dataset
     except DataError:
         raise
     except Exception as e:
@@ -218,8 +247,6 @@ def _check_image(raw: dict[str, Any], suffix: str, feature_dim: int | None) -> N
     r = feats.shape[0]
     if boxes.shape != (r, 4):
         raise DataError(f"boxes{suffix}: shape {boxes.shape}, expected ({r}, 4)")
-    if not np.isfinite(feats.astype(np.float32)).all():
-        raise DataError(f"feats{suffix}: NaN or inf")
     for t, i, _ in raw[f"anchors{suffix}"]:
         if not (0 <= i < r and 0 <= t < len(raw["input_ids"])):
             raise DataError(f"anchors{suffix}: pair ({t}, {i}) outside the text or the regions")
@@ -238,7 +265,11 @@ def _check_concepts(raw: dict[str, Any], num_concepts: int) -> None:
 
 @dataclass
 class Collate:
-    """Pads decoded samples into a :class:`Batch` (plus the raw columns a task needs)."""
+    """Pads decoded samples into model inputs (plus the raw columns a task needs), as numpy
+    arrays and one shared-memory tensor of features; :func:`as_tensors` makes the item a
+    :class:`Batch` of tensors in the process that trains. (A worker sends a tensor through
+    shared memory and a file descriptor each: with the ten small ones of a batch that cost
+    a third of the loader's time here; numpy arrays travel pickled with the item.)"""
 
     max_text_len: int
     """Captions longer than this are cut (anchors beyond it dropped)."""
@@ -258,57 +289,89 @@ class Collate:
             return out
         out["batch"] = self.batch(good, "")
         # Counted here, on the host, so the training loop need not read the masks.
-        out["tokens"] = int(out["batch"].text_mask.sum() + out["batch"].region_mask.sum())
+        out["tokens"] = int(out["batch"]["text_mask"].sum() + out["batch"]["region_mask"].sum())
         if "image2" in good[0]:
             out["batch2"] = self.batch(good, "2")
         for key in ("label", "question_id", "ref_id"):
             if key in good[0]:
-                out[key] = torch.tensor([s[key] for s in good])
+                out[key] = np.asarray([s[key] for s in good], np.int64)
         for key in ("target_box", "image_size"):
             if key in good[0]:
-                out[key] = torch.as_tensor(np.stack([s[key] for s in good]))
+                out[key] = np.stack([s[key] for s in good])
         if "answers" in good[0]:
             out["answers"] = [s["answers"] for s in good]
         return out
 
-    def batch(self, samples: list[dict[str, Any]], suffix: str) -> Batch:
+    def batch(self, samples: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
+        """The padded inputs of ``samples`` (their second image with ``suffix`` "2"), by
+        :class:`Batch` field; the features straight into shared memory when in a loader
+        worker (else they would be copied once more on their way out)."""
         n = len(samples)
-        lt = min(max(len(s["input_ids"]) for s in samples), self.max_text_len)
-        r = max(1, min(max(len(s[f"feats{suffix}"]) for s in samples), self.max_regions))
+        lens = [min(len(s["input_ids"]), self.max_text_len) for s in samples]
+        regions = [min(len(s[f"feats{suffix}"]), self.max_regions) for s in samples]
+        lt, r = max(lens), max(1, max(regions))
         fdim = samples[0][f"feats{suffix}"].shape[1]
-        a = max(1, max(len(s[f"anchors{suffix}"]) for s in samples))
-        ids = torch.zeros(n, lt, dtype=torch.long)
-        text_mask = torch.zeros(n, lt, dtype=torch.bool)
-        feats = torch.zeros(n, r, fdim, dtype=torch.float16)
-        boxes = torch.zeros(n, r, 4)
-        region_mask = torch.zeros(n, r, dtype=torch.bool)
-        concepts = torch.full((n, r), -1, dtype=torch.long)
-        anchors = torch.zeros(n, a, 3, dtype=torch.long)
-        valid = torch.zeros(n, a, dtype=torch.bool)
+        ids = np.zeros((n, lt), np.int64)
+        feats_t = _empty((n, r, fdim), torch.float16)
+        feats = feats_t.numpy()
+        boxes = np.zeros((n, r, 4), np.float32)
+        concepts = np.full((n, r), -1, np.int64)
+        pairs = []
         for k, s in enumerate(samples):
-            t = s["input_ids"][:lt]
-            if len(s["input_ids"]) > lt:
-                t = np.concatenate([t[:-1], s["input_ids"][-1:]])  # keep [SEP] last
-            ids[k, : len(t)] = torch.as_tensor(t.astype(np.int64))
-            text_mask[k, : len(t)] = True
-            m = min(len(s[f"feats{suffix}"]), r)
-            feats[k, :m] = torch.as_tensor(np.array(s[f"feats{suffix}"][:m]))
-            boxes[k, :m] = torch.as_tensor(np.array(s[f"boxes{suffix}"][:m]))
-            region_mask[k, :m] = True
-            concepts[k, :m] = torch.as_tensor(s[f"concepts{suffix}"][:m].astype(np.int64))
-            pairs = [p for p in s[f"anchors{suffix}"] if p[0] < len(t) - 1 and p[1] < m]
-            if pairs:
-                anchors[k, : len(pairs)] = torch.tensor(pairs)
-                valid[k, : len(pairs)] = True
-        return Batch(
-            ids,
-            text_mask,
-            feats,
-            boxes,
-            region_mask,
-            concepts,
-            Anchors(anchors[..., 0], anchors[..., 1], anchors[..., 2], valid),
-        )
+            t, m, lk = s["input_ids"], regions[k], lens[k]
+            ids[k, :lk] = t[:lk]
+            if len(t) > lk:
+                ids[k, lk - 1] = t[-1]  # keep [SEP] last
+            feats[k, :m] = s[f"feats{suffix}"][:m]
+            feats[k, m:] = 0
+            boxes[k, :m] = s[f"boxes{suffix}"][:m]
+            concepts[k, :m] = s[f"concepts{suffix}"][:m]
+            pairs.append([p for p in s[f"anchors{suffix}"] if p[0] < lk - 1 and p[1] < m])
+        anchors = np.zeros((n, max(1, max(len(p) for p in pairs)), 3), np.int64)
+        valid = np.zeros(anchors.shape[:2], bool)
+        for k, p in enumerate(pairs):
+            if p:
+                anchors[k, : len(p)] = p
+                valid[k, : len(p)] = True
+        return {
+            "input_ids": ids,
+            "text_mask": np.arange(lt) < np.asarray(lens)[:, None],
+            "region_feats": feats_t,
+            "boxes": boxes,
+            "region_mask": np.arange(r) < np.asarray(regions)[:, None],
+            "concepts": concepts,
+            "anchors": anchors,
+            "valid": valid,
+        }
+
+
+def as_tensors(item: dict[str, Any]) -> dict[str, Any]:
+    """A collated item as the model takes it: its arrays made tensors (no copy), its
+    inputs a :class:`Batch` (``batch2``: NLVR2's second image)."""
+    for key, value in item.items():
+        if isinstance(value, np.ndarray):
+            item[key] = torch.from_numpy(value)
+        elif key in ("batch", "batch2"):
+            t = {
+                k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
+                for k, v in value.items()
+            }
+            a = t["anchors"]
+            item[key] = Batch(
+                t["input_ids"], t["text_mask"], t["region_feats"], t["boxes"], t["region_mask"],
+                t["concepts"], Anchors(a[..., 0], a[..., 1], a[..., 2], t["valid"]),
+            )  # fmt: skip
+    return item
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when made in a loader worker (as torch's
+    own default_collate allocates what it sends to the main process)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.empty(0, dtype=dtype).untyped_storage()._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def release(dataset, all_ranks: bool = True) -> None:
@@ -367,7 +430,23 @@ def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):
         # resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.shuffle_seed),
     )
-    return loader if pool == 1 else Buckets(loader)
+    return Items(loader) if pool == 1 else Buckets(loader)
+
+
+class Items:
+    """The loader's items as tensors (:func:`as_tensors`); its state is the loader's."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return map(as_tensors, self.loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
 
 
 def _length(sample: dict[str, Any]) -> tuple[int, int]:
@@ -419,7 +498,7 @@ class Buckets:
                 if k < self.skip:
                     continue
                 self.skip, self.taken = 0, k + 1
-                yield batch
+                yield as_tensors(batch)
             self.before, self.taken = self.loader.state_dict(), 0
 
     def state_dict(self) -> dict[str, Any]:

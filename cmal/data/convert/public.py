@@ -7,15 +7,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cmal.data.convert import (
-    Converted,
-    SampleBuilder,
+from cmal.data.convert import read_aliases, read_classes
+from cmal.data.convert.parts import (
     check_out,
-    read_aliases,
-    read_classes,
+    finished,
+    read_done,
+    signature,
     write_shards,
+    write_slice,
 )
 from cmal.data.convert.readers import annotation_records
+from cmal.data.convert.write import Converted, SampleBuilder
 from cmal.data.errors import DataError
 from cmal.data.features import FeatureSource
 from cmal.data.vocab import make_vocab
@@ -38,12 +40,23 @@ def convert_public(
     max_regions: int,
     on_bad_sample: str,
     warn: Callable[[str], None],
-) -> Converted:
+    workers: int = 1,
+    part: tuple[int, int] | None = None,
+) -> Converted | None:
     """Convert format ``fmt`` (its annotation ``files``, keyed as
     :func:`~cmal.data.convert.readers.annotation_records` takes them) joined with the region
-    ``features`` into shards under ``out``. ``warn`` hears what makes anchors unlikely."""
+    ``features`` into shards under ``out``, on ``workers`` processes; or (``part`` = (k, n),
+    a SLURM array task) only the k-th of n slices of the images, merging them all when it
+    finds the others done (None while some are not). ``warn`` hears what makes anchors
+    unlikely."""
     if on_bad_sample not in ("error", "skip"):
         raise DataError(f"--on-bad-sample must be error or skip, got {on_bad_sample!r}")
+    sig = signature(
+        fmt, Path(features), sorted(files.items()), classes, attributes, synonyms, stoplist,
+        labels, hw, max_text_len, max_regions, on_bad_sample,
+    )  # fmt: skip
+    if part is not None and finished(out, sig):
+        return read_done(out)
     check_out(out)
     task, records = annotation_records(fmt, **files)
     names = read_classes(classes)
@@ -62,4 +75,7 @@ def convert_public(
     if len(vocab) == 0:
         warn("the anchor vocabulary is empty: no sample can have an anchor")
     builder = SampleBuilder(source, vocab, load_tokenizer(), max_text_len, max_regions)
-    return write_shards(records, builder, out, task, on_bad_sample)  # type: ignore[arg-type]
+    if part is not None:
+        k, n = part
+        return write_slice(records, builder, out, task, on_bad_sample, n, k, sig)  # type: ignore[arg-type]
+    return write_shards(records, builder, out, task, on_bad_sample, workers, sig)  # type: ignore[arg-type]

@@ -5,18 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from cmal.data.convert import (
-    Converted,
-    Record,
-    SampleBuilder,
-    coco,
-    nlvr2,
-    read_classes,
-    refcoco,
-    snli_ve,
-    vqa,
-    write_shards,
-)
+from cmal.data.convert import Record, coco, nlvr2, read_classes, refcoco, snli_ve, vqa
+from cmal.data.convert.parts import write_shards
+from cmal.data.convert.write import Converted, SampleBuilder
 from cmal.data.features import FeatureSource
 from cmal.data.vocab import make_vocab
 
