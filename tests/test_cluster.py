@@ -235,3 +235,38 @@ def test_extract_job_splits_images_over_two_nodes(slurm, tmp_path):
     assert sorted(p.stem for p in out.glob("*.npz")) == ["astronaut", "coffee", "horse"]
     ranks = [json.loads((out / f"_extract/rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["done"] for r in ranks] == [2, 1]
+
+
+def test_convert_job_array_writes_what_one_process_writes(slurm, tmp_path):
+    """`cmal submit convert` on the real SLURM: three array tasks, each a slice of the
+    images, merged by the last to finish into the shard set one process writes."""
+    from scale_fixtures import write_coco
+    from test_scale import same
+
+    from cmal.data.images import read_shard_set
+
+    src = write_coco(tmp_path / "src", 24, dim=64)
+    classes = str(ROOT / "tests/fixtures/butd/objects_vocab.txt")
+    args = ["karpathy", "--captions", str(src["captions"]), "--features", str(src["features"]),
+            "--classes", classes, "--splits", "train"]  # fmt: skip
+    assert cmal("data", "convert", *args, "--out", str(tmp_path / "one")).returncode == 0
+    prof = profile(tmp_path)
+    res = cmal("submit", "convert", *args, "--out", str(tmp_path / "arr"), "--parts", "3",
+               "--cluster", prof)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "as an array of 3 tasks" in res.stdout
+    job = res.stdout.split("submitted job ")[1].split(":")[0]
+
+    def queued() -> bool:
+        out = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
+        return bool(out.stdout.strip())
+
+    wait(lambda: not queued(), 300, "the array's end")
+    assert same(list(read_shard_set(tmp_path / "arr")), list(read_shard_set(tmp_path / "one")))
+    assert not list(tmp_path.glob(".arr.parts-*"))
+    rows = cmal("status", "convert-arr", "--cluster", prof).stdout.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == [f"{job}_{k}" for k in range(3)]
+    # A typo in the convert options is refused before anything is submitted.
+    bad = cmal("submit", "convert", *args, "--out", str(tmp_path / "x"), "--regionz", "1",
+               "--cluster", prof)  # fmt: skip
+    assert bad.returncode == 2 and "No such option: --regionz" in bad.stderr

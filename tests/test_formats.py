@@ -80,7 +80,9 @@ def butd_tsv(path, keys: list[str]) -> str:
 
 
 def vinvl_predictions(path, images: dict[str, list[str]]) -> str:
-    """scene_graph_benchmark's predictions.tsv with TEST.OUTPUT_FEATURE: key, json."""
+    """scene_graph_benchmark's predictions.tsv with TEST.OUTPUT_FEATURE, as its
+    ``convert_predictions_to_tsv`` writes it: key, {"objects", "relations"} — no image size
+    (that is in the data set's hw tsv, written here beside it as ``hw.tsv``)."""
     rows = []
     for k, (key, tags) in enumerate(images.items()):
         feats, boxes = regions(len(tags), k)
@@ -94,8 +96,10 @@ def vinvl_predictions(path, images: dict[str, list[str]]) -> str:
             }
             for i, c in enumerate(tags)
         ]
-        rows.append(f"{key}\t" + json.dumps({"objects": objs, "image_h": 480, "image_w": 640}))
+        rows.append(f"{key}\t" + json.dumps({"objects": objs, "relations": None}))
     path.write_text("\n".join(rows) + "\n")
+    hw = [f"{key}\t" + json.dumps([{"height": 480, "width": 640}]) for key in images]
+    (path.parent / "hw.tsv").write_text("\n".join(hw) + "\n")
     return str(path)
 
 
@@ -282,9 +286,24 @@ def test_snli_ve_release_with_vinvl_predictions(tmp_path):
     texts = [json.loads(line)["sentence2"] for line in path.read_text().splitlines()]
     feats = vinvl_predictions(tmp_path / "predictions.tsv", {"4705552913": detector(texts, 0)})
     vocab = make_vocab(CLASSES)
-    write_shards(snli_ve.records(path), build(feats, vocab), tmp_path / "o", "ve")
+    # The rows carry no image size: without the hw tsv, one line naming the image.
+    with pytest.raises(DataError, match=r"predictions.tsv \(image 4705552913\): no image size"):
+        write_shards(snli_ve.records(path), build(feats, vocab), tmp_path / "x", "ve")
+    hw = tmp_path / "hw.tsv"
+    write_shards(snli_ve.records(path), build(feats, vocab, hw=hw), tmp_path / "o", "ve")
     samples = read(tmp_path / "o")
+    assert samples[0]["boxes"].max() <= 1.0 and samples[0]["boxes"].max() > 0.2  # / 640, 480
     assert [s["label"] for s in samples] == [1, 0, 2]
+    # The command line, as a user types it; an hw tsv without the image names it.
+    args = ["data", "convert", "snli-ve", "--jsonl", str(path), "--features", feats,
+            "--classes", str(tmp_path / "classes.txt")]  # fmt: skip
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    got = CliRunner().invoke(app, [*args, "--hw", str(hw), "--out", str(tmp_path / "cli")])
+    assert got.exit_code == 0, got.output
+    assert [s["id"] for s in read(tmp_path / "cli")] == [s["id"] for s in samples]
+    hw.write_text("123\t" + json.dumps([{"height": 1, "width": 1}]) + "\n")
+    got = CliRunner().invoke(app, [*args, "--hw", str(hw), "--out", str(tmp_path / "cli2")])
+    assert got.exit_code != 0 and "hw.tsv (image 4705552913): no row for this image" in got.output
     assert samples[0]["id"] == "4705552913.jpg#2r1n"
     assert {s["image"] for s in samples} == {"4705552913.jpg"}
     assert "package" in concept_names(samples[1], vocab)

@@ -10,6 +10,7 @@ import typer
 from cmal.cli.app import ConfigOption, Overrides, app, submit_app, user_errors
 from cmal.cli.data import DetectorOption, DetectSettings, FeaturesOutOption, ImagesOption
 from cmal.config import load_config, to_yaml
+from cmal.data.errors import DataError
 
 NodesOption = typer.Option(None, "--nodes", help="Nodes (default: the profile's).")
 GpusOption = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: the profile's).")
@@ -89,6 +90,45 @@ def submit_extract(
     spec = JobSpec("extract", name, overrides=list(settings or []), detector=detector,
                    images=images, out=str(Path(out).resolve()))  # fmt: skip
     _submit(spec, cluster, nodes, gpus_per_node, dry_run, f"# detector settings\n{cfg}")
+
+
+@submit_app.command(
+    "convert", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+@user_errors
+def submit_convert(
+    ctx: typer.Context,
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="As for `cmal data convert`."),
+    parts: int = typer.Option(2, min=1, help="Array tasks, each a slice of the images."),
+    cluster: str | None = ClusterOption,
+    dry_run: bool = DryRunOption,
+) -> None:
+    """Convert a public data set as a SLURM job array: task K writes the K-th of --parts
+    slices of the images (a requeued or rerun task redoes only its own, if not done), the
+    last to finish merges them into --out. Every other option is `cmal data convert`'s."""
+    from cmal.launch.jobs import JobSpec
+
+    args = [fmt, *ctx.args]
+    out = _checked_convert_args(args)
+    spec = JobSpec("convert", f"convert-{out.name}", overrides=args, parts=parts)
+    _submit(spec, cluster, None, None, dry_run, f"# cmal data convert {' '.join(args)}")
+
+
+def _checked_convert_args(args: list[str]) -> Path:
+    """Parse ``cmal data convert``'s arguments as that command would, so that a typo is
+    refused here, before anything is submitted; returns --out."""
+    import click
+
+    from cmal.cli.app import data_app
+
+    command = typer.main.get_command(data_app).commands["convert"]  # type: ignore[attr-defined]
+    try:
+        ctx = command.make_context("cmal data convert", list(args), resilient_parsing=False)
+    except click.ClickException as e:
+        raise DataError(f"cmal submit convert: {e.format_message()}") from None
+    if ctx.params.get("part") is not None:
+        raise DataError("cmal submit convert: --parts sets the slices; do not pass --part")
+    return Path(ctx.params["out"])
 
 
 @submit_app.command("run")

@@ -8,6 +8,7 @@ import typer
 
 from cmal.cli.app import app, data_app, user_errors
 from cmal.data.convert.readers import FORMATS
+from cmal.data.errors import DataError
 
 
 @data_app.command("world")
@@ -86,6 +87,12 @@ def data_convert(
     workers: int = typer.Option(
         1, min=1, help="Processes, each writing a slice of the images (merged at the end)."
     ),
+    part: str | None = typer.Option(
+        None,
+        metavar="K/N",
+        help="Write only the K-th of N slices of the images (0-based; "
+        "what each task of `cmal submit convert` runs); the last part to finish merges all.",
+    ),  # fmt: skip
 ) -> None:
     """Write MDS shards from a public annotation format joined with region features, and
     report the anchor coverage (also in OUT/anchor_stats.json)."""
@@ -101,9 +108,11 @@ def data_convert(
         fmt, features, out, files, classes=classes, attributes=attributes, synonyms=synonyms,
         stoplist=stoplist, labels=labels, hw=hw, max_text_len=max_text_len,
         max_regions=max_regions, on_bad_sample=on_bad_sample, workers=workers,
-        warn=lambda text: typer.echo(f"warning: {text}", err=True),
+        part=_part(part), warn=lambda text: typer.echo(f"warning: {text}", err=True),
     )  # fmt: skip
-    assert done is not None
+    if done is None:
+        typer.echo(f"part {part} of {out} written; the last part to finish merges them")
+        return
     stats = json.loads((out / STATS_FILE).read_text())
     rate = f"{done.images / done.seconds:.1f} images/s" if done.seconds else ""
     typer.echo(
@@ -119,6 +128,16 @@ def data_convert(
             "learn nothing from it (see the classes and --synonyms / --stoplist above)",
             err=True,
         )
+
+
+def _part(text: str | None) -> tuple[int, int] | None:
+    """``--part K/N`` as (K, N), or a one-line error."""
+    if text is None:
+        return None
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise DataError(f"--part {text}: expected K/N with 0 <= K < N, e.g. 0/4")
+    return int(k), int(n)
 
 
 @data_app.command("coverage")

@@ -201,6 +201,12 @@ class DataConfig:
     """Shuffle samples (deterministically from shuffle_seed and the epoch)."""
     shuffle_seed: int = 0
     """Seed of the shuffle."""
+    shuffle_algo: Literal["naive", "py1e", "py1br", "py1b", "py1s", "py2s"] = "naive"
+    """Streaming's shuffle of the text samples. naive: one uniform permutation of all of
+    them each epoch (a shard set's texts are small, the features are in its image store,
+    so touching every text shard costs little); py1e and the others shuffle within blocks
+    of shards to bound what a node downloads, but texts of one image are written side by
+    side, and then land in one batch ~2x as often as uniform (bench/NOTES.md)."""
     validate_hash: bool = True
     """Check every shard's sha1 when it is copied into the cache."""
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -520,9 +526,15 @@ HASH_EXEMPT = (
 may move or change them and still resume its checkpoints."""
 
 
-HASH_SINCE = {("engine", "bf16_mode"): "autocast", ("data", "bucket_pool"): 1}
+HASH_SINCE = {
+    ("engine", "bf16_mode"): "autocast",
+    ("data", "bucket_pool"): 1,
+    ("data", "shuffle_algo"): "naive",
+}
 """Fields added after runs were saved, left out of the hash at these defaults, so a run
-saved before they existed resumes (fp32 runs: neither changes what they train)."""
+saved before they existed resumes (fp32 runs: bf16_mode and bucket_pool change nothing they
+train; shuffle_algo came with the image-store layout, whose shards such a run must have
+written again anyway, so its data position refers to a new order whatever the shuffle)."""
 
 
 def config_hash(cfg: Any) -> str:

@@ -305,13 +305,12 @@ class FeatureSource:
 
     def _vinvl(self, key: str, f: list[str], where: str) -> Regions:
         got = vinvl.features_of(f, where)
-        if isinstance(got, dict):  # predictions.tsv: everything in one row
+        if isinstance(got, dict):  # predictions.tsv: everything in one row but the size
             objs, size = vinvl.objects_of(got, where)
-            if size is None:
-                raise DataError(f"{where}: missing field 'image_w' / 'image_h'")
             feats = [
                 _b64(vinvl.field(o, "feature", where), np.float32, where, "feature") for o in objs
             ]
+            size = self._image_size(key, size, where)
             return self._from_objects(where, vinvl.stack(feats, where), objs, size)
         feats = got
         if self.labels is None:
@@ -326,15 +325,20 @@ class FeatureSource:
                 f"{lwhere}: {len(objs)} objects, but {self.path} has {len(feats)} boxes for this "
                 "image; VinVL pairs them by position, so both must come from one detector run"
             )
-        if size is None:
-            if self.hw is None:
-                raise DataError(
-                    f"{lwhere}: no image size in the label row and no hw file beside "
-                    f"{self.path}: pass --hw <split>.hw.tsv"
-                )
-            hwhere = f"{self.hw.path} (image {key})"
-            size = vinvl.size_of(self.hw.row(key, hwhere)[1], hwhere)
-        return self._from_objects(lwhere, feats, objs, size)
+        return self._from_objects(lwhere, feats, objs, self._image_size(key, size, lwhere))
+
+    def _image_size(self, key: str, size, where: str) -> tuple[float, float]:
+        """The row's own (width, height), else the hw tsv's: scene_graph_benchmark writes
+        predictions.tsv rows without one, the size being in the data set's hw tsv."""
+        if size is not None:
+            return size
+        if self.hw is None:
+            raise DataError(
+                f"{where}: no image size in the row and no hw tsv (found beside "
+                f"{self.path} or given): pass --hw <split>.hw.tsv"
+            )
+        hwhere = f"{self.hw.path} (image {key})"
+        return vinvl.size_of(self.hw.row(key, hwhere)[1], hwhere)
 
     def _from_objects(self, where: str, feats, objs: list, size) -> Regions:
         return _regions(

@@ -208,6 +208,7 @@ def open_dataset(
             local=local,
             shuffle=cfg.shuffle,
             shuffle_seed=cfg.shuffle_seed,
+            shuffle_algo=cfg.shuffle_algo,
             batch_size=cfg.batch_size * cfg.bucket_pool,  # as the loader draws them
             validate_hash="sha1" if cfg.validate_hash else None,
             **kw,

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,9 @@ class JobSpec:
     """What a job runs: a stage of the CLI, with its config and overrides."""
 
     kind: str
-    """pretrain, finetune, run (a workflow) or extract (region features)."""
+    """pretrain, finetune, run (a workflow), extract (region features) or convert (a
+    public data set into shards, as a job array: ``overrides`` holds the arguments of
+    ``cmal data convert``)."""
     name: str
     """The run (or workflow) name: it names the job's folder."""
     config: str | None = None
@@ -68,10 +70,16 @@ class JobSpec:
     detector: str | None = None
     images: str | None = None
     out: str | None = None
+    parts: int = 1
+    """convert: how many slices of the images (one array task each)."""
+    part: int | None = None
+    """convert: the slice this task writes."""
 
     def argv(self) -> list[str]:
         """The same work as a ``cmal`` command line."""
         over = list(self.overrides)
+        if self.kind == "convert":
+            return ["data", "convert", *over, "--part", f"{self.part}/{self.parts}"]
         if self.kind == "run":
             return ["run", str(self.workflow), *over]
         if self.kind == "extract":
@@ -83,7 +91,10 @@ class JobSpec:
         return args + over
 
     def run(self) -> str:
-        """Run it in this process; returns "done" or "preempted"."""
+        """Run it in this process (a conversion task: in a child process of the command
+        line, which parses its arguments); returns "done" or "preempted"."""
+        if self.kind == "convert":
+            return _convert_part(self.argv())
         if self.kind == "run":
             from cmal.workflow.runner import Runner, load_workflow
 
@@ -102,6 +113,20 @@ class JobSpec:
 
         cfg = finetune_config(str(self.task), self.source, self.config, self.overrides)
         return finetune(cfg)[0].status
+
+
+def _convert_part(argv: list[str]) -> str:
+    """``cmal data convert … --part k/n``; its one-line error raised as a DataError (bad
+    input: no requeue mends it), any other failure as a RuntimeError (requeued)."""
+    res = subprocess.run([sys.executable, "-m", "cmal.cli", *argv], stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
+    sys.stderr.write(res.stderr)
+    if res.returncode == 0:
+        return "done"
+    last = ([x for x in res.stderr.splitlines() if x.strip()] or ["(no output)"])[-1]
+    if res.returncode == 2:
+        raise DataError(last.removeprefix("error: "))
+    raise RuntimeError(f"cmal {' '.join(argv[:3])} exited with {res.returncode}: {last}")
 
 
 def set_rank_env() -> None:
@@ -157,14 +182,15 @@ class StageJob:
     def __init__(self, spec: JobSpec, max_requeues: int, cwd: str):
         self.spec, self.max_requeues, self.cwd = spec, max_requeues, cwd
 
-    def __call__(self) -> str:
+    def __call__(self, part: int | None = None) -> str:
         from cmal.engine.loop import PREEMPTED_EXIT
 
         os.chdir(self.cwd)
         set_rank_env()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        spec = self.spec if part is None else replace(self.spec, part=part)
         try:
-            status = self.spec.run()
+            status = spec.run()
         except (ConfigError, DataError):
             raise  # the same input fails the same way: no requeue
         except Exception as e:
@@ -197,7 +223,7 @@ class StageJob:
         resumes from the newest checkpoint on its own."""
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(self)
+        return DelayedSubmission(self, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- SLURM
@@ -216,10 +242,13 @@ def _sbatch_options(lines: list[str]) -> dict[str, object]:
     return out
 
 
-def sbatch_parameters(prof: ClusterConfig, name: str) -> dict[str, object]:
+def sbatch_parameters(prof: ClusterConfig, spec: JobSpec) -> dict[str, object]:
     tasks = prof.tasks_per_node or max(prof.gpus_per_node, 1)
+    if spec.kind == "convert":  # an array: each task one process on one node, no GPU
+        prof = replace(prof, nodes=1, gpus_per_node=0)
+        tasks = 1
     params: dict[str, object] = {
-        "job_name": f"cmal-{name}",
+        "job_name": f"cmal-{spec.name}",
         "nodes": prof.nodes,
         "ntasks_per_node": tasks,
         "time": prof.time_min,
@@ -238,6 +267,7 @@ def sbatch_parameters(prof: ClusterConfig, name: str) -> dict[str, object]:
         "gpus_per_node": prof.gpus_per_node or None,
         "mem": f"{prof.mem_gb}GB" if prof.mem_gb else None,
         "setup": prof.setup or None,
+        "array_parallelism": spec.parts if spec.kind == "convert" else None,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
     return params
@@ -299,7 +329,10 @@ def sbatch_script(prof: ClusterConfig, spec: JobSpec) -> str:
     folder = jobs_folder(prof, spec.name)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit",
                         shlex.quote(str(folder))])  # fmt: skip
-    return _make_sbatch_string(command=command, folder=folder, **sbatch_parameters(prof, spec.name))
+    params = {k: v for k, v in sbatch_parameters(prof, spec).items() if k != "array_parallelism"}
+    if spec.kind == "convert":
+        params["array"] = f"0-{spec.parts - 1}%{spec.parts}"
+    return _make_sbatch_string(command=command, folder=folder, **params)
 
 
 def submit_slurm(prof: ClusterConfig, spec: JobSpec, where: str) -> str:
@@ -310,11 +343,15 @@ def submit_slurm(prof: ClusterConfig, spec: JobSpec, where: str) -> str:
 
     folder = jobs_folder(prof, spec.name)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=prof.max_requeues)
-    executor.update_parameters(**sbatch_parameters(prof, spec.name))
+    executor.update_parameters(**sbatch_parameters(prof, spec))
+    stage = StageJob(spec, prof.max_requeues, os.getcwd())
     with tempfile.TemporaryFile() as said:
         try:
             with _stderr_to(said):
-                job = executor.submit(StageJob(spec, prof.max_requeues, os.getcwd()))
+                if spec.kind == "convert":
+                    jobs = executor.map_array(stage, list(range(spec.parts)))
+                else:
+                    jobs = [executor.submit(stage)]
         except Exception as e:  # sbatch refused it: in its own words, on one line
             said.seek(0)
             text = said.read().decode(errors="replace") + "\n" + str(e)
@@ -323,14 +360,14 @@ def submit_slurm(prof: ClusterConfig, spec: JobSpec, where: str) -> str:
             raise ConfigError(f"{where}: sbatch refused the job: {why}") from None
         said.seek(0)
         sys.stderr.write(said.read().decode(errors="replace"))
-    record = {"job_id": job.job_id, "submitted": time.time(), "spec": asdict(spec),
-              "nodes": prof.nodes, "profile": asdict(prof)}  # fmt: skip
+    records = [{"job_id": job.job_id, "submitted": time.time(), "spec": asdict(spec),
+                "nodes": prof.nodes, "profile": asdict(prof)} for job in jobs]  # fmt: skip
     path = folder / JOBS_FILE
-    jobs = json.loads(path.read_text()) if path.is_file() else []
+    earlier = json.loads(path.read_text()) if path.is_file() else []
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([*jobs, record], indent=1))
+    tmp.write_text(json.dumps([*earlier, *records], indent=1))
     tmp.replace(path)
-    return job.job_id
+    return jobs[0].job_id.split("_")[0] if spec.kind == "convert" else jobs[0].job_id
 
 
 def _scontrol_job(job_id: str) -> dict[str, str] | None:
@@ -401,6 +438,11 @@ def run_local(prof: ClusterConfig, spec: JobSpec) -> int:
     from cmal.engine.deepspeed import _free_port
     from cmal.engine.loop import PREEMPTED_EXIT
 
+    if spec.kind == "convert":  # the array's tasks side by side; the last one merges
+        argvs = [replace(spec, part=k).argv() for k in range(spec.parts)]
+        procs = [subprocess.Popen([sys.executable, "-m", "cmal.cli", *a]) for a in argvs]
+        codes = [p.wait() for p in procs]
+        return next((c for c in codes if c != 0), 0)
     ranks = prof.nodes * (prof.tasks_per_node or max(prof.gpus_per_node, 1))
     for attempt in range(prof.max_requeues + 1):
         port = str(_free_port())
@@ -443,7 +485,7 @@ def submit(
     command line, and ``shown`` (the resolved config), and run nothing. Returns the exit
     status (a local run's; 0 for a submitted job)."""
     path, prof = load(cluster, nodes, gpus)
-    if prof.executor == "slurm" and spec.kind != "extract":  # extract saves per image
+    if prof.executor == "slurm" and spec.kind not in ("extract", "convert"):  # no steps
         spec.overrides = [*spec.overrides, f"checkpoint.signal=SIG{prof.signal}"]
     if dry_run:
         echo(f"# profile {path}: {prof.executor}, {prof.nodes} node(s)")
@@ -456,6 +498,9 @@ def submit(
     if prof.executor == "local":
         return run_local(prof, spec)
     job = submit_slurm(prof, spec, f"--cluster {path}")
-    echo(f"submitted job {job}: {spec.kind} {spec.name} on {prof.nodes} node(s)")
+    if spec.kind == "convert":
+        echo(f"submitted job {job}: {spec.kind} {spec.name} as an array of {spec.parts} tasks")
+    else:
+        echo(f"submitted job {job}: {spec.kind} {spec.name} on {prof.nodes} node(s)")
     echo(f"  cmal status {spec.name}   # logs: {Path(prof.jobs) / spec.name}")
     return 0
