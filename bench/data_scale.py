@@ -60,7 +60,12 @@ def loader(remote: Path, cache: Path, workers: int, feature_dim: int, per_image:
     from streaming.base.util import clean_stale_shared_memory
 
     from cmal.config import load_config
-    from cmal.data.stream import make_loader, open_dataset
+    from cmal.data.stream import open_dataset
+
+    try:
+        from cmal.data.batches import make_loader
+    except ImportError:  # the old layout's checkout
+        from cmal.data.stream import make_loader
 
     over = [f"data.remote={remote}", f"data.local={cache}", f"data.workers={workers}",
             "data.batch_size=64"]  # fmt: skip

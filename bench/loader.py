@@ -30,7 +30,8 @@ def stream(remote: str, cache: Path, workers: int, endpoint: str | None) -> tupl
     from streaming.base.util import clean_stale_shared_memory
 
     from cmal.config import load_config
-    from cmal.data.stream import make_loader, open_dataset
+    from cmal.data.batches import make_loader
+    from cmal.data.stream import open_dataset
 
     clean_stale_shared_memory()
     over = [

@@ -47,7 +47,8 @@ def family(sentence: str) -> str:
 def encode(run: Path, split: str, root: Path) -> dict[str, torch.Tensor]:
     """Frozen [CLS] pair (and, for a REC run, best region scores) of every statement."""
     from cmal.config import load_config
-    from cmal.data.stream import make_loader, open_dataset, release
+    from cmal.data.batches import make_loader
+    from cmal.data.stream import open_dataset, release
     from cmal.model.cmal import CMAL
     from cmal.tasks import Objective, get_task
     from cmal.workflow.finetune import load_into, pretrained_weights

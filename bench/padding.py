@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 def waste(shards: str, batch: int, pool: int, batches: int, local: str) -> tuple[float, ...]:
     """(text waste, region waste, both) over the batches of one epoch."""
     from cmal.config import DataConfig
-    from cmal.data.stream import make_loader, open_dataset, release
+    from cmal.data.batches import make_loader
+    from cmal.data.stream import open_dataset, release
 
     cfg = DataConfig(remote=shards, local=local, batch_size=batch, workers=0, bucket_pool=pool)
     dataset = open_dataset(cfg)

@@ -13,10 +13,12 @@ from scale_fixtures import feature_bytes, folder_bytes, write_coco, write_vg
 from streaming.base.util import clean_stale_shared_memory
 from test_stream import cfg_for
 
+from cmal.data.batches import make_loader
 from cmal.data.convert.public import convert_public
+from cmal.data.errors import DataError
 from cmal.data.images import read_shard_set
 from cmal.data.schema import IMAGES
-from cmal.data.stream import make_loader, open_dataset
+from cmal.data.stream import open_dataset
 
 CLASSES = ROOT / "tests/fixtures/butd/objects_vocab.txt"
 
@@ -135,3 +137,19 @@ def test_every_text_once_an_epoch_and_resume_is_bitwise(coco, tmp_path):
 def test_a_conversion_reports_its_images(coco):
     done = json.loads((coco / "shards/conversion.json").read_text())
     assert done["images"] == 12 and done["samples"] == 60 and done["feature_dim"] == 2048
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e6])
+def test_features_that_float16_cannot_hold_are_refused_when_written(tmp_path, bad):
+    # The loader no longer checks every text's features: conversion checks each image once.
+    files = write_coco(tmp_path / "src", 2, captions=1, dim=8)
+    lines = files["features"].read_text().splitlines()
+    key, h, w, ids, confs, attrs, aconfs, n, boxes, feats = lines[1].split("\t")
+    from cmal.data.features import encode_b64
+
+    values = np.zeros((int(n), 8), np.float32)
+    values[3, 5] = bad
+    lines[1] = "\t".join([key, h, w, ids, confs, attrs, aconfs, n, boxes, encode_b64(values)])
+    files["features"].write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"feats.tsv \(image {key}\): features contain NaN"):
+        convert("karpathy", {**files, "splits": "train"}, tmp_path / "o")

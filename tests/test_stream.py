@@ -14,9 +14,10 @@ from conftest import ROOT, _free_port, start_moto, write_shard_set
 from streaming.base.util import clean_stale_shared_memory
 
 from cmal.config import ConfigError, load_config
+from cmal.data.batches import make_loader
 from cmal.data.errors import DataError
 from cmal.data.images import read_shard_set
-from cmal.data.stream import make_loader, open_dataset, release
+from cmal.data.stream import open_dataset, release
 
 
 def cfg_for(remote: str, cache, *more: str):

@@ -40,7 +40,8 @@ def _load(run: Path) -> tuple[Config, torch.nn.Module]:
 
 
 def _batches(cfg: Config, shards: str | None, n: int):
-    from cmal.data.stream import make_loader, open_dataset, release
+    from cmal.data.batches import make_loader
+    from cmal.data.stream import open_dataset, release
 
     remote = shards or cfg.data.val_remote or cfg.data.remote
     data = dataclasses.replace(cfg.data, shuffle=False, local=None, workers=0, batch_size=32)

@@ -48,6 +48,7 @@ LXMERT_FIELDS = [
 ]
 BUTD_FIELDS = ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features"]
 csv.field_size_limit(sys.maxsize)
+F16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass
@@ -79,8 +80,11 @@ def _regions(where: str, feats, boxes_px, w, h, tags, confs) -> Regions:
         raise DataError(f"{where}: {r} regions but {len(tags)} tags and {len(confs)} confidences")
     if not (w > 0 and h > 0):
         raise DataError(f"{where}: image size must be positive, got {w}x{h}")
-    if not np.isfinite(feats).all():
-        raise DataError(f"{where}: features contain NaN or inf")
+    # Checked here, once per image, not when read: NaN or inf, or beyond float16's range
+    # (stored as inf). max/min propagate NaN, so one comparison each catches all three.
+    top = float(feats.max(initial=0.0)), float(feats.min(initial=0.0))
+    if not (top[0] <= F16_MAX and top[1] >= -F16_MAX):
+        raise DataError(f"{where}: features contain NaN or inf (or values beyond float16)")
     scale = np.array([w, h, w, h], np.float32)
     return Regions(
         feats.astype(np.float16),

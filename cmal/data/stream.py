@@ -1,5 +1,6 @@
-"""Streaming MDS shards from a local folder or ``s3://bucket/prefix`` (any S3-compatible
-endpoint) into padded model batches.
+"""Streaming a shard set's text samples, each joined with its image's regions from the
+image store, from a local folder or ``s3://bucket/prefix`` (any S3-compatible endpoint);
+:mod:`cmal.data.batches` makes them model batches.
 
 The reader always copies shards from the source (``remote``) into a separate cache folder
 (``local``), so every shard's sha1 is checked on arrival and the source stays untouched.
@@ -13,13 +14,8 @@ import hashlib
 import os
 import re
 import tempfile
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from cmal.config import ConfigError, DataConfig
 from cmal.data.errors import DataError
@@ -27,8 +23,6 @@ from cmal.data.images import ImageStore, attach, text_index
 from cmal.data.mds import map_readers
 from cmal.data.schema import IMAGES
 from cmal.data.source import join, read_bytes
-from cmal.model.cmal import Batch
-from cmal.model.prompt import Anchors
 
 
 def cache_folder(cfg: DataConfig, remote: str) -> str:
@@ -264,117 +258,6 @@ def _check_concepts(raw: dict[str, Any], num_concepts: int) -> None:
         )
 
 
-@dataclass
-class Collate:
-    """Pads decoded samples into model inputs (plus the raw columns a task needs), as numpy
-    arrays and one shared-memory tensor of features; :func:`as_tensors` makes the item a
-    :class:`Batch` of tensors in the process that trains. (A worker sends a tensor through
-    shared memory and a file descriptor each: with the ten small ones of a batch that cost
-    a third of the loader's time here; numpy arrays travel pickled with the item.)"""
-
-    max_text_len: int
-    """Captions longer than this are cut (anchors beyond it dropped)."""
-    max_regions: int
-    """Regions beyond this are dropped (shards keep them highest-confidence first)."""
-
-    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
-        good = [s for s in samples if s is not None]
-        # First key: StreamingDataLoader counts a batch by the length of its first value,
-        # and that count must include skipped samples for resume to be exact.
-        out: dict[str, Any] = {
-            "consumed": [None if s is None else s["id"] for s in samples],
-            "skipped": len(samples) - len(good),
-            "ids": [s["id"] for s in good],
-        }
-        if not good:
-            return out
-        out["batch"] = self.batch(good, "")
-        # Counted here, on the host, so the training loop need not read the masks.
-        out["tokens"] = int(out["batch"]["text_mask"].sum() + out["batch"]["region_mask"].sum())
-        if "image2" in good[0]:
-            out["batch2"] = self.batch(good, "2")
-        for key in ("label", "question_id", "ref_id"):
-            if key in good[0]:
-                out[key] = np.asarray([s[key] for s in good], np.int64)
-        for key in ("target_box", "image_size"):
-            if key in good[0]:
-                out[key] = np.stack([s[key] for s in good])
-        if "answers" in good[0]:
-            out["answers"] = [s["answers"] for s in good]
-        return out
-
-    def batch(self, samples: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
-        """The padded inputs of ``samples`` (their second image with ``suffix`` "2"), by
-        :class:`Batch` field; the features straight into shared memory when in a loader
-        worker (else they would be copied once more on their way out)."""
-        n = len(samples)
-        lens = [min(len(s["input_ids"]), self.max_text_len) for s in samples]
-        regions = [min(len(s[f"feats{suffix}"]), self.max_regions) for s in samples]
-        lt, r = max(lens), max(1, max(regions))
-        fdim = samples[0][f"feats{suffix}"].shape[1]
-        ids = np.zeros((n, lt), np.int64)
-        feats_t = _empty((n, r, fdim), torch.float16)
-        feats = feats_t.numpy()
-        boxes = np.zeros((n, r, 4), np.float32)
-        concepts = np.full((n, r), -1, np.int64)
-        pairs = []
-        for k, s in enumerate(samples):
-            t, m, lk = s["input_ids"], regions[k], lens[k]
-            ids[k, :lk] = t[:lk]
-            if len(t) > lk:
-                ids[k, lk - 1] = t[-1]  # keep [SEP] last
-            feats[k, :m] = s[f"feats{suffix}"][:m]
-            feats[k, m:] = 0
-            boxes[k, :m] = s[f"boxes{suffix}"][:m]
-            concepts[k, :m] = s[f"concepts{suffix}"][:m]
-            pairs.append([p for p in s[f"anchors{suffix}"] if p[0] < lk - 1 and p[1] < m])
-        anchors = np.zeros((n, max(1, max(len(p) for p in pairs)), 3), np.int64)
-        valid = np.zeros(anchors.shape[:2], bool)
-        for k, p in enumerate(pairs):
-            if p:
-                anchors[k, : len(p)] = p
-                valid[k, : len(p)] = True
-        return {
-            "input_ids": ids,
-            "text_mask": np.arange(lt) < np.asarray(lens)[:, None],
-            "region_feats": feats_t,
-            "boxes": boxes,
-            "region_mask": np.arange(r) < np.asarray(regions)[:, None],
-            "concepts": concepts,
-            "anchors": anchors,
-            "valid": valid,
-        }
-
-
-def as_tensors(item: dict[str, Any]) -> dict[str, Any]:
-    """A collated item as the model takes it: its arrays made tensors (no copy), its
-    inputs a :class:`Batch` (``batch2``: NLVR2's second image)."""
-    for key, value in item.items():
-        if isinstance(value, np.ndarray):
-            item[key] = torch.from_numpy(value)
-        elif key in ("batch", "batch2"):
-            t = {
-                k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
-                for k, v in value.items()
-            }
-            a = t["anchors"]
-            item[key] = Batch(
-                t["input_ids"], t["text_mask"], t["region_feats"], t["boxes"], t["region_mask"],
-                t["concepts"], Anchors(a[..., 0], a[..., 1], a[..., 2], t["valid"]),
-            )  # fmt: skip
-    return item
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor, in shared memory when made in a loader worker (as torch's
-    own default_collate allocates what it sends to the main process)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = int(np.prod(shape))
-    storage = torch.empty(0, dtype=dtype).untyped_storage()._new_shared(numel * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
-
-
 def release(dataset, all_ranks: bool = True) -> None:
     """Close (and, where this process made them, unlink) ``dataset``'s shared memory now.
 
@@ -410,107 +293,3 @@ def release(dataset, all_ranks: bool = True) -> None:
             shm.cleanup()
     if all_ranks and dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):
-    """A StreamingDataLoader with our collate; its state_dict() resumes mid-epoch. With
-    ``data.bucket_pool`` > 1, a :class:`Buckets` of such pools."""
-    from streaming import StreamingDataLoader
-
-    collate = Collate(max_text_len, max_regions)
-    pool = cfg.bucket_pool
-    loader = StreamingDataLoader(
-        dataset,
-        batch_size=cfg.batch_size * pool,
-        num_workers=cfg.workers,
-        collate_fn=collate if pool == 1 else BucketCollate(collate, cfg.batch_size),
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-        drop_last=False,
-        # Its own generator: creating an iterator must not draw from the global RNG, or a
-        # resumed run would diverge from an uninterrupted one.
-        generator=torch.Generator().manual_seed(cfg.shuffle_seed),
-    )
-    return Items(loader) if pool == 1 else Buckets(loader)
-
-
-class Items:
-    """The loader's items as tensors (:func:`as_tensors`); its state is the loader's."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return map(as_tensors, self.loader)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
-
-def _length(sample: dict[str, Any]) -> tuple[int, int]:
-    """Sort key of bucketing: text first (on the world, pool 16, text-first left 9.9% of all
-    slots padded, regions-first 18.0%, their sum 16.7%: bench/padding.py)."""
-    return len(sample["input_ids"]), len(sample["feats"])
-
-
-@dataclass
-class BucketCollate:
-    """One pool of samples -> collated batches of like lengths (in the loader's
-    workers). The batches' order is drawn from the pool's sample ids, so reading the same
-    pool again gives the same batches in the same order."""
-
-    collate: Collate
-    batch_size: int
-
-    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
-        good = sorted((s for s in samples if s is not None), key=_length)
-        # A pool cut short (the epoch's end) makes fewer batches, not smaller ones.
-        n = max(1, -(-len(good) // self.batch_size))
-        parts = np.array_split(np.arange(len(good)), n)
-        seed = zlib.crc32(" ".join(str(s["id"]) for s in good).encode())
-        order = np.random.default_rng(seed).permutation(n)
-        batches = [self.collate([good[i] for i in parts[k]]) for k in order]
-        # The pool's own "consumed" first: StreamingDataLoader counts it for resume.
-        return {"consumed": [None if s is None else s["id"] for s in samples],
-                "skipped": len(samples) - len(good), "batches": batches}  # fmt: skip
-
-
-class Buckets:
-    """Yields the batches of each pool a :class:`BucketCollate` loader reads; its state is
-    the loader's before the current pool and how many of that pool's batches were taken,
-    so a resume reads the pool again and skips those."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        # None: the start. (Asking streaming for its state before the first iteration reads
-        # shared memory a previous run may have left half-written: seen as a JSON error.)
-        self.before: dict[str, Any] | None = None
-        self.taken = 0
-        self.skip = 0
-        self.started = False
-
-    def __iter__(self):
-        self.started = True
-        for pool in self.loader:
-            for k, batch in enumerate(pool["batches"]):
-                if k < self.skip:
-                    continue
-                self.skip, self.taken = 0, k + 1
-                yield as_tensors(batch)
-            self.before, self.taken = self.loader.state_dict(), 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.before, "taken": self.taken}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["loader"] is not None:
-            self.loader.load_state_dict(state["loader"])
-        elif self.started:  # going back (on_nonfinite=skip) into the first pool
-            raise DataError(
-                "data.bucket_pool: cannot go back to a checkpoint saved inside the first pool "
-                "(the loader cannot restart mid-run); use on_nonfinite=stop or bucket_pool=1"
-            )
-        self.before, self.skip, self.taken = state["loader"], state["taken"], 0

@@ -2,7 +2,7 @@
 boundary with the flag all-reduced, so every rank saves together.
 
 The loop never knows which task it trains: it is given a module whose forward takes a
-collated item (``cmal.data.stream.Collate``) and returns a dict of losses with the total
+collated item (``cmal.data.batches.Collate``) and returns a dict of losses with the total
 under ``"loss"``, and a loader of such items.
 """
 

@@ -157,7 +157,8 @@ def evaluate_module(
 ) -> dict:
     """Metrics of ``module`` on every eval set of ``splits``; predictions and metrics.json
     written by rank 0. Predictions are gathered with a collective, never through files."""
-    from cmal.data.stream import make_loader, open_dataset, release
+    from cmal.data.batches import make_loader
+    from cmal.data.stream import open_dataset, release
     from cmal.engine.loop import to_device
 
     module = module.to(world.device).eval()

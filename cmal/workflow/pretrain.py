@@ -87,7 +87,8 @@ def train_module(
 ):
     """Wrap ``module`` in the engine, resume the run's newest checkpoint, run the loop
     (``start_info`` goes into the log's start record)."""
-    from cmal.data.stream import make_loader, open_dataset, release
+    from cmal.data.batches import make_loader
+    from cmal.data.stream import open_dataset, release
     from cmal.engine.checkpoint import Checkpointer
     from cmal.engine.deepspeed import build_engine
     from cmal.engine.loop import train, validation_losses

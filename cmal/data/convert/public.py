@@ -3,6 +3,7 @@ shards: the library behind ``cmal data convert``."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ def convert_public(
     a SLURM array task) only the k-th of n slices of the images, merging them all when it
     finds the others done (None while some are not). ``warn`` hears what makes anchors
     unlikely."""
+    start = time.perf_counter()
     if on_bad_sample not in ("error", "skip"):
         raise DataError(f"--on-bad-sample must be error or skip, got {on_bad_sample!r}")
     sig = signature(
@@ -77,5 +79,9 @@ def convert_public(
     builder = SampleBuilder(source, vocab, load_tokenizer(), max_text_len, max_regions)
     if part is not None:
         k, n = part
-        return write_slice(records, builder, out, task, on_bad_sample, n, k, sig)  # type: ignore[arg-type]
-    return write_shards(records, builder, out, task, on_bad_sample, workers, sig)  # type: ignore[arg-type]
+        done = write_slice(records, builder, out, task, on_bad_sample, n, k, sig)  # type: ignore[arg-type]
+    else:
+        done = write_shards(records, builder, out, task, on_bad_sample, workers, sig)  # type: ignore[arg-type]
+    if done is not None:  # from reading the annotations and indexing the features on
+        done.seconds = time.perf_counter() - start
+    return done
