@@ -89,8 +89,10 @@ def write_shards(
         elif todo:
             _in_processes(records, plan, builder, parts, task, spans, todo, on_bad_sample)
         done = merge(parts, len(spans), out, builder.vocab, sig)
-    except BaseException:
-        if sig is None:
+    except BaseException as e:
+        # Parts are kept for a rerun only when the run stopped (killed, a full disk): bad
+        # input fails again, and mended input is another signature.
+        if sig is None or isinstance(e, DataError):
             shutil.rmtree(parts, ignore_errors=True)
         raise
     shutil.rmtree(parts, ignore_errors=True)
