@@ -13,6 +13,7 @@ import torch
 
 from cmal.config import DataConfig
 from cmal.data.errors import DataError
+from cmal.data.images import ImageStore
 from cmal.model.cmal import Batch
 from cmal.model.prompt import Anchors
 
@@ -20,10 +21,12 @@ from cmal.model.prompt import Anchors
 @dataclass
 class Collate:
     """Pads decoded samples into model inputs (plus the raw columns a task needs), as numpy
-    arrays and one shared-memory tensor of features; :func:`as_tensors` makes the item a
-    :class:`Batch` of tensors in the process that trains. (A worker sends a tensor through
-    shared memory and a file descriptor each: with the ten small ones of a batch that cost
-    a third of the loader's time here; numpy arrays travel pickled with the item.)"""
+    arrays; :func:`as_tensors` makes the item a :class:`Batch` of tensors in the process
+    that trains, copying each text's region features there from its own map of the image
+    store. Measured here (bench/NOTES.md): a worker that copies the features into a new
+    shared-memory tensor for every batch spends more on the kernel's fresh pages and the
+    file descriptor that carries it than on everything else, and a tensor sent per field
+    costs a descriptor each; the arrays travel pickled with the item (~100 KB a batch)."""
 
     max_text_len: int
     """Captions longer than this are cut (anchors beyond it dropped)."""
@@ -58,16 +61,13 @@ class Collate:
 
     def batch(self, samples: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
         """The padded inputs of ``samples`` (their second image with ``suffix`` "2"), by
-        :class:`Batch` field; the features straight into shared memory when in a loader
-        worker (else they would be copied once more on their way out)."""
+        :class:`Batch` field; the features as their image rows, copied by
+        :func:`as_tensors`."""
         n = len(samples)
         lens = [min(len(s["input_ids"]), self.max_text_len) for s in samples]
         regions = [min(len(s[f"feats{suffix}"]), self.max_regions) for s in samples]
         lt, r = max(lens), max(1, max(regions))
-        fdim = samples[0][f"feats{suffix}"].shape[1]
         ids = np.zeros((n, lt), np.int64)
-        feats_t = _empty((n, r, fdim), torch.float16)
-        feats = feats_t.numpy()
         boxes = np.zeros((n, r, 4), np.float32)
         concepts = np.full((n, r), -1, np.int64)
         pairs = []
@@ -76,8 +76,6 @@ class Collate:
             ids[k, :lk] = t[:lk]
             if len(t) > lk:
                 ids[k, lk - 1] = t[-1]  # keep [SEP] last
-            feats[k, :m] = s[f"feats{suffix}"][:m]
-            feats[k, m:] = 0
             boxes[k, :m] = s[f"boxes{suffix}"][:m]
             concepts[k, :m] = s[f"concepts{suffix}"][:m]
             pairs.append([p for p in s[f"anchors{suffix}"] if p[0] < lk - 1 and p[1] < m])
@@ -90,7 +88,8 @@ class Collate:
         return {
             "input_ids": ids,
             "text_mask": np.arange(lt) < np.asarray(lens)[:, None],
-            "region_feats": feats_t,
+            "region_at": np.asarray([s[f"feats_at{suffix}"] for s in samples], np.int64),
+            "region_dim": samples[0][f"feats{suffix}"].shape[1],
             "boxes": boxes,
             "region_mask": np.arange(r) < np.asarray(regions)[:, None],
             "concepts": concepts,
@@ -99,33 +98,29 @@ class Collate:
         }
 
 
-def as_tensors(item: dict[str, Any]) -> dict[str, Any]:
+def as_tensors(item: dict[str, Any], images: ImageStore) -> dict[str, Any]:
     """A collated item as the model takes it: its arrays made tensors (no copy), its
-    inputs a :class:`Batch` (``batch2``: NLVR2's second image)."""
+    inputs a :class:`Batch` (``batch2``: NLVR2's second image), the region features copied
+    from ``images`` (into pinned memory where a GPU will take them)."""
     for key, value in item.items():
         if isinstance(value, np.ndarray):
             item[key] = torch.from_numpy(value)
         elif key in ("batch", "batch2"):
-            t = {
-                k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
-                for k, v in value.items()
-            }
-            a = t["anchors"]
+            t = {k: torch.from_numpy(v) for k, v in value.items() if isinstance(v, np.ndarray)}
+            mask, a = t["region_mask"], t["anchors"]
+            n, r = mask.shape
+            feats = torch.empty((n, r, value["region_dim"]), dtype=torch.float16,
+                                pin_memory=torch.cuda.is_available())  # fmt: skip
+            out = feats.numpy()
+            counts, dim = mask.sum(1).tolist(), value["region_dim"]
+            for k, (at, m) in enumerate(zip(value["region_at"].tolist(), counts, strict=True)):
+                out[k, :m] = images.features(at, m, dim)
+                out[k, m:] = 0
             item[key] = Batch(
-                t["input_ids"], t["text_mask"], t["region_feats"], t["boxes"], t["region_mask"],
-                t["concepts"], Anchors(a[..., 0], a[..., 1], a[..., 2], t["valid"]),
+                t["input_ids"], t["text_mask"], feats, t["boxes"], mask, t["concepts"],
+                Anchors(a[..., 0], a[..., 1], a[..., 2], t["valid"]),
             )  # fmt: skip
     return item
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor, in shared memory when made in a loader worker (as torch's
-    own default_collate allocates what it sends to the main process)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = int(np.prod(shape))
-    storage = torch.empty(0, dtype=dtype).untyped_storage()._new_shared(numel * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):
@@ -147,17 +142,17 @@ def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):
         # resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.shuffle_seed),
     )
-    return Items(loader) if pool == 1 else Buckets(loader)
+    return Items(loader, dataset.images) if pool == 1 else Buckets(loader, dataset.images)
 
 
 class Items:
     """The loader's items as tensors (:func:`as_tensors`); its state is the loader's."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, images: ImageStore):
+        self.loader, self.images = loader, images
 
     def __iter__(self):
-        return map(as_tensors, self.loader)
+        return (as_tensors(item, self.images) for item in self.loader)
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
@@ -199,8 +194,8 @@ class Buckets:
     the loader's before the current pool and how many of that pool's batches were taken,
     so a resume reads the pool again and skips those."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, images: ImageStore):
+        self.loader, self.images = loader, images
         # None: the start. (Asking streaming for its state before the first iteration reads
         # shared memory a previous run may have left half-written: seen as a JSON error.)
         self.before: dict[str, Any] | None = None
@@ -215,7 +210,7 @@ class Buckets:
                 if k < self.skip:
                     continue
                 self.skip, self.taken = 0, k + 1
-                yield as_tensors(batch)
+                yield as_tensors(batch, self.images)
             self.before, self.taken = self.loader.state_dict(), 0
 
     def state_dict(self) -> dict[str, Any]:

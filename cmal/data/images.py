@@ -85,12 +85,24 @@ class ImageStore:
         return self._maps[k]
 
     def __getitem__(self, row: int) -> dict[str, Any]:
+        """A row's columns; ``feats_at``: where its features are, for :meth:`features`."""
         if not 0 <= row < len(self):
             raise DataError(f"image row {row} outside the image store ({len(self)} images)")
         k = bisect.bisect_right(self.starts, row) - 1
-        shard = self.shards[k]
-        return decode(shard["column_names"], shard["column_encodings"], shard["column_sizes"],
-                      self._shard(k)[row - self.starts[k]], self.columns)  # fmt: skip
+        shard, mapped = self.shards[k], self._shard(k)
+        out = decode(shard["column_names"], shard["column_encodings"], shard["column_sizes"],
+                     mapped[row - self.starts[k]], self.columns)  # fmt: skip
+        if "feats" in out:
+            out["feats_at"] = (k, out["feats"].ctypes.data - mapped.base)
+        return out
+
+    def features(self, at: tuple[int, int], regions: int, dim: int) -> np.ndarray:
+        """The first ``regions`` (x ``dim``) float16 features of the row whose ``feats_at``
+        is ``at`` (found by another process: a loader worker): a view of the mapped shard."""
+        k, offset = at
+        return np.frombuffer(self._shard(k).data, np.float16, regions * dim, offset).reshape(
+            regions, dim
+        )
 
 
 def attach(sample: dict[str, Any], images: ImageStore) -> dict[str, Any]:
@@ -102,10 +114,9 @@ def attach(sample: dict[str, Any], images: ImageStore) -> dict[str, Any]:
                 f"image row {sample[f'image_row{suffix}']} holds image {image['key']!r}, not "
                 f"{sample[f'image{suffix}']!r}: the image store does not belong to these shards"
             )
-        for name in REGION_COLUMNS:
-            sample[name + suffix] = image[name]
-        if "tags" in image:
-            sample["tags" + suffix] = image["tags"]
+        for name in (*REGION_COLUMNS, "feats_at", "tags", "confidences"):
+            if name in image:  # tags and confidences: only when the store reads them all
+                sample[name + suffix] = image[name]
     return sample
 
 
@@ -120,4 +131,5 @@ def read_shard_set(folder: str | Path) -> Iterator[dict[str, Any]]:
     for shard in index["shards"]:
         reader = reader_from_json(folder, None, shard)
         for i in range(reader.samples):
-            yield attach(reader.decode_sample(reader.get_sample_data(i)), images)
+            sample = attach(reader.decode_sample(reader.get_sample_data(i)), images)
+            yield {k: v for k, v in sample.items() if not k.startswith("feats_at")}

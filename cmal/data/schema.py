@@ -32,9 +32,9 @@ IMAGE_COLUMNS = {
     "confidences": "ndarray:float32",  # (R,)
 }
 
-REGION_COLUMNS = ("feats", "boxes", "concepts", "confidences")
-"""What a text sample gains from its image row when it is read (``tags`` stay in the
-store: only conversion and coverage read them)."""
+REGION_COLUMNS = ("feats", "boxes", "concepts")
+"""What a text sample gains from its image row when it is read for training (``tags`` and
+``confidences`` stay in the store: conversion and tools read them, the model does not)."""
 
 SECOND_IMAGE_COLUMNS = {"image2": "str", "image_row2": "int", "anchors2": "json"}
 """NLVR2's second image: the same fields, suffixed with 2 (the text is shared)."""

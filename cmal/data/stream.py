@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cmal.config import ConfigError, DataConfig
 from cmal.data.errors import DataError
 from cmal.data.images import ImageStore, attach, text_index
@@ -173,12 +175,12 @@ def open_dataset(
             for _ in range(it._num_threads_to_exit):
                 it.on_exit()  # no download or ready thread to wait for
             ready: set[int] = set()
-            for sample_id in sample_ids.tolist():
+            shards = np.searchsorted(self.spanner.shard_bounds, sample_ids, side="right") - 1
+            for sample_id, shard_id in zip(sample_ids.tolist(), shards.tolist(), strict=True):
                 if it.should_exit():
                     return
                 if sample_id == -1:
                     continue
-                shard_id = self.spanner[sample_id][0]
                 if shard_id not in ready:
                     try:
                         self.prepare_shard(shard_id, blocking=True)
@@ -208,6 +210,7 @@ def open_dataset(
             **kw,
         )
         map_readers(dataset.shards)
+        dataset.images = images  # the batches' features are copied from it, in this process
         return dataset
     except DataError:
         raise
