@@ -54,9 +54,12 @@ def convert(fmt: str, files: dict, out: Path, workers: int, before: bool) -> dic
     return {"wall_s": wall, "own_s": float(own.group(1)) if own else None}
 
 
-def loader(remote: Path, cache: Path, workers: int, feature_dim: int, per_image: dict) -> dict:
-    """Texts/s over an epoch (after one that fills the cache), data wait at a GPU's pace,
-    and same-image pairs in its batches."""
+def loader(remote: Path, cache: Path, workers: int, feature_dim: int, image_of) -> dict:
+    """On one loader, as training uses it: an epoch that fills the cache, three timed
+    epochs (median texts/s, with and without the epoch's start until its first batch), one
+    paced at a GPU's rate (data-wait share), and the same-image pairs of its batches."""
+    import statistics
+
     from streaming.base.util import clean_stale_shared_memory
 
     from cmal.config import load_config
@@ -70,17 +73,19 @@ def loader(remote: Path, cache: Path, workers: int, feature_dim: int, per_image:
     over = [f"data.remote={remote}", f"data.local={cache}", f"data.workers={workers}",
             "data.batch_size=64"]  # fmt: skip
     cfg = load_config(None, over).data
-    out: dict = {}
-    for epoch in ("fill", "rate", "paced"):
-        clean_stale_shared_memory()
-        ds = open_dataset(cfg, feature_dim=feature_dim)
-        texts, waited, slept, batches = 0, 0.0, 0.0, []
+    clean_stale_shared_memory()
+    items = make_loader(cfg, open_dataset(cfg, feature_dim=feature_dim), 40, 36)
+    rates, steady, starts, out = [], [], [], {}
+    for epoch in ("fill", "rate", "rate", "rate", "paced"):
+        texts, waited, slept, batches, first = 0, 0.0, 0.0, [], None
         start = mark = time.perf_counter()
-        for item in make_loader(cfg, ds, 40, 36):
+        for item in items:
             now = time.perf_counter()
             waited += now - mark
             texts += len(item["ids"])
             batches.append(item["ids"])
+            if first is None:
+                first, after = now, texts
             if epoch == "paced":
                 step = len(item["ids"]) / GPU_RATE
                 time.sleep(step)
@@ -88,12 +93,17 @@ def loader(remote: Path, cache: Path, workers: int, feature_dim: int, per_image:
             mark = time.perf_counter()
         seconds = time.perf_counter() - start
         if epoch == "rate":
-            out["texts_per_s"] = texts / seconds
-            out["feature_mb_per_s"] = texts * 36 * feature_dim * 2 / seconds / 1e6
-            out["same_image"] = same_image_share(batches, per_image)
+            rates.append(texts / seconds)
+            steady.append((texts - after) / (time.perf_counter() - first))
+            starts.append(first - start)
+            out["same_image"] = same_image_share(batches, image_of)
         if epoch == "paced":
             out["data_wait"] = waited / (waited + slept)
-        del ds
+    out["texts_per_s"] = statistics.median(rates)
+    out["texts_per_s_after_first_batch"] = statistics.median(steady)
+    out["first_batch_s"] = statistics.median(starts)
+    out["feature_mb_per_s"] = out["texts_per_s"] * 36 * feature_dim * 2 / 1e6
+    out["texts_per_epoch"] = texts
     return out
 
 

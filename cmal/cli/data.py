@@ -117,7 +117,7 @@ def data_convert(
     rate = f"{done.images / done.seconds:.1f} images/s" if done.seconds else ""
     typer.echo(
         f"wrote {done.samples} samples ({done.anchors} anchors, {done.skipped} skipped) of "
-        f"{done.images} images to {out} in {done.seconds:.1f} s ({rate}, {workers} process"
+        f"{done.images} images to {out} in {done.seconds:.2f} s ({rate}, {workers} process"
         f"{'es' if workers > 1 else ''})"
     )
     for line in report(stats):

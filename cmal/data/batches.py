@@ -4,7 +4,10 @@ the loader (:func:`make_loader`) whose ``state_dict()`` goes into every checkpoi
 
 from __future__ import annotations
 
+import queue
+import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,23 +145,79 @@ def make_loader(cfg: DataConfig, dataset, max_text_len: int, max_regions: int):
         # resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.shuffle_seed),
     )
-    return Items(loader, dataset.images) if pool == 1 else Buckets(loader, dataset.images)
+    return Tensors(loader if pool == 1 else Buckets(loader), dataset.images)
 
 
-class Items:
-    """The loader's items as tensors (:func:`as_tensors`); its state is the loader's."""
+class Tensors:
+    """The items of ``inner`` (the loader, or its :class:`Buckets`) as the model takes them
+    (:func:`as_tensors`), made by a thread up to ``ahead`` items before they are asked for,
+    so that copying the features overlaps the training step instead of lengthening it. Its
+    state is the inner loader's as of the last item handed out: items made ahead and never
+    taken are read again after a resume, as if never drawn."""
 
-    def __init__(self, loader, images: ImageStore):
-        self.loader, self.images = loader, images
+    def __init__(self, inner, images: ImageStore, ahead: int = 2):
+        self.inner, self.images, self.ahead = inner, images, ahead
+        self._state: dict[str, Any] | None = None
+        self._halt: Callable[[], None] = lambda: None
 
     def __iter__(self):
-        return (as_tensors(item, self.images) for item in self.loader)
+        self._halt()
+        self._state = None
+        made: queue.Queue = queue.Queue(self.ahead)
+        stop = threading.Event()
+
+        def put(value) -> bool:
+            while not stop.is_set():
+                try:
+                    made.put(value, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def run() -> None:
+            try:
+                for raw in self.inner:
+                    if stop.is_set() or not put(
+                        (as_tensors(raw, self.images), self.inner.state_dict())
+                    ):
+                        return
+                put(_END)
+            except BaseException as e:  # raised where the items are taken
+                put(_Failed(e))
+
+        thread = threading.Thread(target=run, name="cmal-batches", daemon=True)
+
+        def halt() -> None:
+            stop.set()
+            thread.join()
+
+        self._halt = halt
+        thread.start()
+        try:
+            while (got := made.get()) is not _END:
+                if isinstance(got, _Failed):
+                    raise got.error
+                item, self._state = got
+                yield item
+        finally:  # also when the consumer drops the iteration midway (training ends)
+            halt()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        return self.inner.state_dict() if self._state is None else self._state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
+        self._halt()
+        self._state = None
+        self.inner.load_state_dict(state)
+
+
+_END = object()
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 def _length(sample: dict[str, Any]) -> tuple[int, int]:
@@ -194,8 +253,8 @@ class Buckets:
     the loader's before the current pool and how many of that pool's batches were taken,
     so a resume reads the pool again and skips those."""
 
-    def __init__(self, loader, images: ImageStore):
-        self.loader, self.images = loader, images
+    def __init__(self, loader):
+        self.loader = loader
         # None: the start. (Asking streaming for its state before the first iteration reads
         # shared memory a previous run may have left half-written: seen as a JSON error.)
         self.before: dict[str, Any] | None = None
@@ -210,7 +269,7 @@ class Buckets:
                 if k < self.skip:
                     continue
                 self.skip, self.taken = 0, k + 1
-                yield as_tensors(batch, self.images)
+                yield batch
             self.before, self.taken = self.loader.state_dict(), 0
 
     def state_dict(self) -> dict[str, Any]:
