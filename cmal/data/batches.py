@@ -115,7 +115,8 @@ def as_tensors(item: dict[str, Any], images: ImageStore) -> dict[str, Any]:
             feats = torch.empty((n, r, value["region_dim"]), dtype=torch.float16,
                                 pin_memory=torch.cuda.is_available())  # fmt: skip
             out = feats.numpy()
-            counts, dim = mask.sum(1).tolist(), value["region_dim"]
+            # From numpy, not the tensor: the step counts a tensor's .tolist() as a read.
+            counts, dim = value["region_mask"].sum(1).tolist(), value["region_dim"]
             for k, (at, m) in enumerate(zip(value["region_at"].tolist(), counts, strict=True)):
                 out[k, :m] = images.features(at, m, dim)
                 out[k, m:] = 0
