@@ -175,3 +175,29 @@ def test_other_names_on_a_class_line_map_to_the_class():
         ("stopsign", "stop sign"),
         ("car", "car"),
     ]
+
+
+def test_cached_word_pieces_give_the_tokenizers_own_ids():
+    # tokenize() asks the tokenizer once per new word; its ids and word starts must be the
+    # tokenizer's for the pre-split text, truncation included.
+    import random
+
+    from cmal.data.anchors import split_words, tokenize
+    from cmal.model.pretrained import load_tokenizer
+
+    tok = load_tokenizer()
+    texts = ["Two dogs chase a frisbee.", "The man's t-shirt, red; café “naïve” 🙂 x²", "",
+             "日本語 and supercalifragilisticexpialidocious " * 6]  # fmt: skip
+    rng = random.Random(0)
+    words = " ".join(texts).split()
+    texts += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(200)]
+    for max_len in (6, 12, 40):
+        got = tokenize(texts, tok, max_len)
+        split = [split_words(t) for t in texts]
+        enc = tok(split, is_split_into_words=True, truncation=True, max_length=max_len)
+        for k, (ids, ws, starts) in enumerate(got):
+            want = [None] * len(ws)
+            for pos, wid in enumerate(enc.word_ids(k)):
+                if wid is not None and want[wid] is None:
+                    want[wid] = pos
+            assert (ids, ws, starts) == (enc["input_ids"][k], split[k], want), texts[k]

@@ -259,15 +259,16 @@ def find_anchors(
         return []
     kept = name_words(words)
     lowered = [words[k].lower() for k in kept]
+    # run[j]: how many alphanumeric words start at j (a phrase never spans another mark).
+    run = [0] * (len(kept) + 1)
+    for j in range(len(kept) - 1, -1, -1):
+        run[j] = run[j + 1] + 1 if lowered[j].isalnum() else 0
     pairs: list[AnchorPair] = []
     j = 0
     while j < len(kept):
         matched = 0
-        for n in range(min(vocab.max_ngram, len(kept) - j), 0, -1):
-            span = lowered[j : j + n]
-            if not all(w.isalnum() for w in span):
-                continue
-            cid = vocab.concept_id(" ".join(span))
+        for n in range(min(vocab.max_ngram, run[j]), 0, -1):
+            cid = vocab.concept_id(" ".join(lowered[j : j + n]))
             if cid is not None and cid in best:
                 if word_starts[kept[j]] is not None:
                     pairs.append(AnchorPair(word_starts[kept[j]], best[cid][1], cid))
@@ -297,15 +298,32 @@ def tokenize(
     texts: list[str], tokenizer, max_len: int
 ) -> list[tuple[list[int], list[str], list[int | None]]]:
     """(WordPiece ids, words, token index of each word's first wordpiece or None when
-    truncated away) of each text, in one call of the tokenizer (the same ids as one call
-    per text: nothing is padded)."""
+    truncated away) of each text: the tokenizer's own ids with [CLS]/[SEP], truncated to
+    ``max_len``. Each word's pieces are the tokenizer's for that word alone (it splits
+    pre-split words independently) and are kept per tokenizer: conversion sees the same
+    few thousand words millions of times, and asking the tokenizer for every text was a
+    third of its time (tests/test_anchors.py checks the ids against the tokenizer's)."""
+    pieces = _pieces(tokenizer)
     words = [split_words(t) for t in texts]
-    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_len)
+    new = sorted({w for ws in words for w in ws if w not in pieces})
+    if new:
+        for w, ids in zip(new, tokenizer(new, add_special_tokens=False)["input_ids"], strict=True):
+            pieces[w] = list(ids)
+    room = max_len - 2  # [CLS] and [SEP]
     out = []
-    for k, ws in enumerate(words):
-        starts: list[int | None] = [None] * len(ws)
-        for pos, wid in enumerate(enc.word_ids(k)):
-            if wid is not None and starts[wid] is None:
-                starts[wid] = pos
-        out.append((list(enc["input_ids"][k]), ws, starts))
+    for ws in words:
+        ids, starts = [tokenizer.cls_token_id], []
+        for w in ws:
+            got = pieces[w]
+            starts.append(len(ids) if got and len(ids) - 1 < room else None)
+            ids += got[: max(0, room - (len(ids) - 1))]
+        out.append((ids + [tokenizer.sep_token_id], ws, starts))
     return out
+
+
+def _pieces(tokenizer) -> dict[str, list[int]]:
+    """The word -> pieces cache of a tokenizer, kept on it (a few MB for real corpora)."""
+    cache = tokenizer.__dict__.setdefault("_cmal_word_pieces", {})
+    if len(cache) > 1 << 21:
+        cache.clear()
+    return cache
