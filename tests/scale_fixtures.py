@@ -45,19 +45,23 @@ def _text(rng, tags: list[str]) -> str:
     return " ".join(parts).capitalize() + "."
 
 
+def _texts(folder: Path, keys: list[str], per_image: int, regions: int, dim: int,
+           seed: int) -> list[list[str]]:  # fmt: skip
+    """Writes ``feats.tsv`` for ``keys``; returns ``per_image`` texts naming each image's tags."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tags = write_features(folder / "feats.tsv", keys, regions, dim, seed)
+    rng = np.random.default_rng(seed + 1)
+    return [[_text(rng, tags[k]) for _ in range(per_image)] for k in range(len(keys))]
+
+
 def write_coco(folder: Path, images: int, captions: int = 5, regions: int = 36,
                dim: int = 2048, seed: int = 0) -> dict[str, Path]:  # fmt: skip
     """``dataset_coco.json`` (Karpathy) + ``feats.tsv``: ``captions`` per image."""
-    folder.mkdir(parents=True, exist_ok=True)
     keys = [str(100000 + k) for k in range(images)]
-    tags = write_features(folder / "feats.tsv", keys, regions, dim, seed)
-    rng = np.random.default_rng(seed + 1)
-    out, sent = [], 0
-    for k, key in enumerate(keys):
-        sentences = []
-        for _ in range(captions):
-            sentences.append({"raw": _text(rng, tags[k]), "tokens": [], "sentid": sent})
-            sent += 1
+    out, texts_of = [], _texts(folder, keys, captions, regions, dim, seed)
+    for k, (key, texts) in enumerate(zip(keys, texts_of, strict=True)):
+        sentences = [{"raw": raw, "tokens": [], "sentid": k * captions + j}
+                     for j, raw in enumerate(texts)]  # fmt: skip
         out.append({"split": "train", "filename": f"COCO_train2014_{int(key):012}.jpg",
                     "filepath": "train2014", "cocoid": int(key), "imgid": k,
                     "sentids": [s["sentid"] for s in sentences],
@@ -69,17 +73,12 @@ def write_coco(folder: Path, images: int, captions: int = 5, regions: int = 36,
 def write_vg(folder: Path, images: int, phrases: int = 50, regions: int = 36,
              dim: int = 2048, seed: int = 0) -> dict[str, Path]:  # fmt: skip
     """``region_descriptions.json`` + ``feats.tsv``: ``phrases`` per image."""
-    folder.mkdir(parents=True, exist_ok=True)
     keys = [str(1 + k) for k in range(images)]
-    tags = write_features(folder / "feats.tsv", keys, regions, dim, seed)
-    rng = np.random.default_rng(seed + 1)
-    out, rid = [], 0
-    for k, key in enumerate(keys):
-        regs = []
-        for _ in range(phrases):
-            regs.append({"region_id": rid, "image_id": int(key), "phrase": _text(rng, tags[k]),
-                         "x": 1, "y": 1, "width": 10, "height": 10})  # fmt: skip
-            rid += 1
+    out, texts_of = [], _texts(folder, keys, phrases, regions, dim, seed)
+    for k, (key, texts) in enumerate(zip(keys, texts_of, strict=True)):
+        regs = [{"region_id": k * phrases + j, "image_id": int(key), "phrase": phrase,
+                 "x": 1, "y": 1, "width": 10, "height": 10}
+                for j, phrase in enumerate(texts)]  # fmt: skip
         out.append({"id": int(key), "regions": regs})
     (folder / "region_descriptions.json").write_text(json.dumps(out))
     return {"regions": folder / "region_descriptions.json", "features": folder / "feats.tsv"}
