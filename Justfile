@@ -39,7 +39,12 @@ services:
 test: setup services
     {{bin}}/ruff check cmal tests bench
     {{bin}}/ruff format --check cmal tests bench
-    {{bin}}/python -m pytest -q
+    {{bin}}/python -m pytest -q --durations=15
+
+# The quick tier, for iterating (no world, server, cluster or training run; ~N min).
+test-quick: setup
+    {{bin}}/ruff check cmal tests bench
+    {{bin}}/python -m pytest -q -m "not full" --durations=10
 
 # The main job on the embedded default: scene world -> pretrain -> fine-tune x4 -> evaluate x4.
 demo: setup

@@ -16,6 +16,18 @@ from cmal.config import load_config  # noqa: E402
 from cmal.model.cmal import Batch  # noqa: E402
 from cmal.model.prompt import Anchors  # noqa: E402
 
+FULL_FIXTURES = {"world", "s3", "slurm", "finished_run", "centernet"}
+"""Fixtures that make a world, start servers or a cluster, or train: a test that uses one
+is in the full tier only (``just test``); the rest is the quick tier (``just test-quick``)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if FULL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker(
+            "slow"
+        ):
+            item.add_marker(pytest.mark.full)
+
 
 def tiny_config(*overrides: str):
     """The tiny model config with overrides."""

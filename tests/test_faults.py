@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, start_moto
 from test_engine import finish, launch, logged, losses, write_config
 
@@ -199,9 +200,10 @@ def test_convert_into_a_folder_with_earlier_output_leaves_it_alone(tmp_path, cap
 
 @pytest.fixture(scope="module")
 def finished_run(world, tmp_path_factory):
-    """A 20-step run with checkpoints at 10 and 20 (kept), copied fresh for each test."""
+    """A 20-step run with checkpoints at 10 and 20 (kept), copied fresh for each test;
+    ZeRO-1, so that its checkpoints hold every kind of file (an optimizer file of its own)."""
     tmp = tmp_path_factory.mktemp("finished")
-    cfg = write_config(tmp, world, name="ckpt", engine={"steps": 20},
+    cfg = write_config(tmp, world, name="ckpt", engine={"steps": 20, "zero_stage": 1},
                        checkpoint={"every": 10, "keep": 2})  # fmt: skip
     assert finish(launch(cfg, 1)) == [0]
     return tmp, cfg
@@ -213,19 +215,106 @@ def test_a_damaged_latest_is_passed_over_file_by_file(finished_run):
     newest = ckpts / "step_00000020"
     assert (ckpts / LATEST).read_text().strip() == newest.name
     files = sorted(p for p in newest.rglob("*") if p.is_file())
-    assert len(files) >= 3
+    kinds = {re.sub(r"\d+", "N", f.name) for f in files}
+    assert {"state.json", "rng_rankN.pt", "mp_rank_N_model_states.pt"} <= kinds, kinds
+    assert any("optim_states" in k for k in kinds), kinds
     for f in files:
         data = f.read_bytes()
-        for how in ("truncated", "deleted"):
+        for how in ("truncated", "deleted", "one bit flipped"):
             if how == "truncated":
                 f.write_bytes(data[: len(data) // 2])
-            else:
+            elif how == "deleted":
                 f.unlink()
+            else:
+                flip_a_bit(f)
             notes: list[str] = []
             assert newest_complete(ckpts, notes).name == "step_00000010", (f, how)
             assert notes and newest.name in notes[0], notes
+            assert f.name in notes[0] or "state.json" in notes[0], notes
             f.write_bytes(data)
     assert newest_complete(ckpts).name == newest.name
+
+
+def flip_a_bit(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+class _Runs:
+    """Unpickles to a call of ``os.system``: what a hostile file in a checkpoint holds."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _copy_run(src: Path, cfg: str, tmp_path: Path) -> tuple[Path, Path]:
+    """The finished run copied under ``tmp_path``, with its config pointing there."""
+    import shutil
+
+    shutil.copytree(src / "runs", tmp_path / "runs")
+    text = Path(cfg).read_text().replace(str(src / "runs"), str(tmp_path / "runs"))
+    (tmp_path / "c.yaml").write_text(text)
+    return tmp_path / "c.yaml", tmp_path / "runs/ckpt/checkpoints"
+
+
+def test_a_flipped_bit_is_seen_by_export_and_by_a_named_checkpoint(finished_run, tmp_path, capsys):
+    from cmal.engine.checkpoint import consolidated_state_dict
+    from cmal.workflow.finetune import pretrained_weights
+
+    src, cfg = finished_run
+    _, ckpts = _copy_run(src, cfg, tmp_path)
+    flip_a_bit(ckpts / "step_00000020/ds/mp_rank_00_model_states.pt")
+    # Export of the run: the newest intact checkpoint, with a warning naming the file.
+    assert run(["export", str(tmp_path / "runs/ckpt"), "--out", str(tmp_path / "m.st")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: .*step_00000020 is damaged \(ds/mp_rank_00_model_states\.pt "
+                     r"does not match its sha256 digest", err), err  # fmt: skip
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "m.st")
+    older = consolidated_state_dict(ckpts / "step_00000010")
+    assert all(torch.equal(exported[k.removeprefix("model.")], v) for k, v in older.items())
+    # The damaged checkpoint named by hand (finetune's task.init_from): one line, refused.
+    with pytest.raises(Exception, match=r"step_00000020: damaged checkpoint \(ds/mp_rank_00_"):
+        pretrained_weights(ckpts / "step_00000020")
+
+
+def test_a_hostile_rng_file_runs_nothing(finished_run, tmp_path, capsys):
+    """The attack: a pickle that calls os.system, of the RNG file's exact size, dropped into
+    the newest checkpoint of a run a user was handed; then the same with state.json
+    rewritten to list its size and digest, as a forger would."""
+    import pickle
+
+    from cmal.engine import manifest
+    from cmal.engine.checkpoint import load_file
+    from cmal.workflow.finetune import pretrained_weights
+
+    src, cfg = finished_run
+    cfg, ckpts = _copy_run(src, cfg, tmp_path)
+    marker = tmp_path / "ran"
+    rng = ckpts / "step_00000020/rng_rank00000.pt"
+    hostile = pickle.dumps({"torch": _Runs(f"touch {marker}")})
+    rng.write_bytes(hostile + b" " * (rng.stat().st_size - len(hostile)))  # same size
+    (p,) = launch(str(cfg), 1, "--force")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "step_00000020 is damaged (rng_rank00000.pt does not match its sha256" in err, err
+    assert "step_00000010" in err.split("resumed from", 1)[1] and not marker.exists()
+    # Forged: the manifest agrees with the hostile file; a torch.save zip naming os.system.
+    torch.save({"torch": _Runs(f"touch {marker}")}, rng)
+    state_file = ckpts / "step_00000020/state.json"
+    state = json.loads(state_file.read_text())
+    state["files"]["rng_rank00000.pt"] = manifest.describe(rng.parent, 0)["rng_rank00000.pt"]
+    state_file.write_text(json.dumps(manifest.seal(state)))
+    with pytest.raises(Exception, match=r"rng_rank00000\.pt names posix\.system, which a "):
+        pretrained_weights(ckpts / "step_00000020")
+    with pytest.raises(Exception, match=r"rng_rank00000\.pt: not loadable as a checkpoint file"):
+        load_file(rng)  # even loaded straight, the weights-only unpickler refuses it
+    assert not marker.exists()
 
 
 def test_resume_uses_the_newest_complete_checkpoint_or_refuses(finished_run, tmp_path):
@@ -251,9 +340,64 @@ def test_resume_uses_the_newest_complete_checkpoint_or_refuses(finished_run, tmp
     (p,) = launch(str(cfg), 1)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 2
-    one_line(err.splitlines()[-1], r"no complete checkpoint \(step_\d+ is damaged")
+    one_line(err.splitlines()[-1], r"no intact checkpoint \(step_\d+ is damaged")
     after = digest(tmp_path / "runs")
     assert {k: v for k, v in after.items() if k in before} == before
+
+
+# ------------------------------------------------------------------ a rank lost
+
+PEER_TIMEOUT = 20
+"""engine.collective_timeout_s of the lost-rank runs (600 by default)."""
+
+
+def test_a_lost_rank_ends_the_job_in_bounded_time_and_the_resume_is_bitwise(world, tmp_path):
+    """Two ranks on gloo, ZeRO-1 (each rank writes its own optimizer file). Rank 1 killed
+    inside a collective save, and rank 1 stopped (SIGSTOP) mid-step: rank 0 stops with one
+    line, exit 4, in under ``collective_timeout_s`` + start-up slack; the launcher's part
+    (torchrun and srun kill the job's other processes) is done by hand; the next run
+    resumes from the newest intact checkpoint with the uninterrupted run's losses."""
+    from cmal.engine.checkpoint import is_complete
+
+    steps = 16
+
+    def config(leg: str) -> str:
+        (tmp_path / leg).mkdir()
+        return write_config(tmp_path / leg, world, name="peers",
+                            engine={"steps": steps, "zero_stage": 1,
+                                    "collective_timeout_s": PEER_TIMEOUT},
+                            checkpoint={"every": 4, "keep": 2})  # fmt: skip
+
+    assert finish(launch(config("ref"), 2)) == [0, 0]
+    want = losses(tmp_path / "ref/runs/peers")
+    for leg in ("killed in a save", "stopped mid-step"):
+        cfg, run_dir = config(leg), tmp_path / leg / "runs/peers"
+        procs = launch(cfg, 2)
+        ckpts = run_dir / "checkpoints"
+        deadline = time.time() + 240
+        while True:
+            assert time.time() < deadline and procs[0].poll() is None, leg
+            if leg.startswith("killed") and any(ckpts.glob(".tmp-step_00000008")):
+                procs[1].kill()
+                break
+            if leg.startswith("stopped") and logged(run_dir, 6)():
+                procs[1].send_signal(signal.SIGSTOP)
+                break
+            time.sleep(0.005)
+        lost = time.time()
+        out, err = procs[0].communicate(timeout=PEER_TIMEOUT + 120)
+        waited = time.time() - lost
+        procs[1].kill()  # what the launcher does once a task has failed
+        procs[1].communicate()
+        assert procs[0].returncode == 4, (leg, err)
+        one_line(err.strip().splitlines()[-1],
+                 r"rank 0: a collective with the other 1 rank\(s\) failed \(.*\); another "
+                 r"rank died, hung or was stopped .*run the job again to resume")  # fmt: skip
+        assert waited < PEER_TIMEOUT + 30, (leg, waited)
+        newest = ckpts / (ckpts / LATEST).read_text().strip()
+        assert is_complete(newest) and int(newest.name[5:]) < steps, leg
+        assert finish(launch(cfg, 2)) == [0, 0], leg
+        assert losses(run_dir) == want, leg  # bitwise, every step
 
 
 # ------------------------------------------------------------------------- disk full

@@ -5,6 +5,7 @@ checked against), joined with region features in each tool's own layout and key 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import struct
 
@@ -427,6 +428,50 @@ def test_refcoco_plus_python2_refs_pickle(tmp_path):
     x, y, w, h = 103.93, 205.7, 183.16, 296.17
     assert np.allclose(samples[0]["target_box"], [x / 427, y / 640, (x + w) / 427, (y + h) / 640])
     assert concept_names(samples[1], vocab) == ["person"] and samples[0]["ref_id"] == 0
+
+
+class _Runs:
+    """Unpickles to a call of ``os.system``: what a hostile refs file would hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("reader", ["convert", "score"])
+def test_a_refs_pickle_that_names_a_callable_runs_nothing(tmp_path, reader):
+    marker = tmp_path / "ran"
+    refs = tmp_path / "refs(unc).p"
+    refs.write_bytes(pickle.dumps([{"ref_id": _Runs(f"touch {marker}")}], protocol=2))
+    inst = FIX / "refcoco+" / "instances.json"
+    if reader == "convert":
+        feats = npz_folder(tmp_path / "f", {"COCO_train2014_000000581857": ["woman"]})
+        args = ["data", "convert", "refcoco", "--refs", refs, "--instances", inst,
+                "--split", "testA", "--features", feats, "--out", tmp_path / "o"]  # fmt: skip
+    else:
+        (tmp_path / "p.json").write_text("[]")
+        args = ["evaluate", "--task", "rec", "--predictions", tmp_path / "p.json",
+                "--refs", refs, "--instances", inst, "--split", "testA"]  # fmt: skip
+    res = CliRunner().invoke(app, list(map(str, args)))
+    assert res.exit_code == 2 and not marker.exists(), res.output
+    err = res.stderr.strip()
+    assert err.count("\n") == 0 and "Traceback" not in res.output, res.output
+    assert "refs(unc).p: not a readable refs pickle" in err and "posix.system" in err, err
+
+
+def test_refs_pickles_of_plain_data_load_from_python_2_and_3(tmp_path):
+    refs = [{"ref_id": 1, "split": "val", "sentences": [{"sent": "caf\u00e9"}],
+             "raw": b"bytes", "tags": {"a", "b"}}]  # fmt: skip
+    for protocol in (0, 2, 4):
+        (tmp_path / "r.p").write_bytes(pickle.dumps(refs, protocol=protocol))
+        got = refcoco.load_refs(tmp_path / "r.p")
+        assert got[0]["sentences"][0]["sent"] == "caf\u00e9" and got[0]["raw"] == "bytes"
+    (tmp_path / "r.p").write_bytes(py2_pickle([{"sent": "caf\u00e9"}]))
+    assert refcoco.load_refs(tmp_path / "r.p") == [{"sent": "caf\u00e9"}]
 
 
 # -------------------------------------------------- the command, its report and its errors

@@ -23,7 +23,10 @@ from cmal.engine.loop import PREEMPTED_EXIT
 def need(binary: str) -> str:
     path = shutil.which(binary)
     if path is None:
-        pytest.fail(f"{binary} is not installed: `just setup` installs it (apt, as root)")
+        pytest.fail(
+            f"{binary} is not installed: `just services` (run by `just test`) installs it "
+            "(apt, as root)"
+        )
     return path
 
 

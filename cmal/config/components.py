@@ -280,6 +280,13 @@ class EngineConfig:
     save step too, and a save follows a clean read only. Steps in between never wait for
     the device. Larger: fewer reads, but more steps between a signal and its save (one
     rank alone reads its signal every step) and more steps redone after a skip."""
+    collective_timeout_s: int = 600
+    """How long a rank waits in a collective of the training loop (gradient all-reduce, a
+    checkpoint's barriers) for the others before the run stops with one line saying so
+    (exit 4): a rank that died, hung or was stopped ends the job in at most this long
+    instead of never. Longer than the slowest save; the next run resumes from the newest
+    intact checkpoint. Until the loop starts (rendezvous, loading) ranks wait up to
+    max(this, 1800 s) for late nodes."""
     count_host_reads: bool = False
     """Debugging: record every device-to-host read (``.item()``, ``nonzero``, boolean
     indexing, copies to the CPU, ...) and write each step's, with where it came from, to
@@ -519,6 +526,7 @@ HASH_EXEMPT = (
     ("data", "workers"),
     ("engine", "log_every"),
     ("engine", "check_every"),
+    ("engine", "collective_timeout_s"),
     ("engine", "count_host_reads"),
     *(("observe", f.name) for f in dataclasses.fields(ObserveConfig)),
 )

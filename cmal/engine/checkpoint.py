@@ -7,13 +7,15 @@ process killed at any point leaves ``latest`` naming a complete checkpoint (or n
 ``latest``); a stale ``.tmp-*`` folder is removed by the next save.
 
 Each checkpoint holds: DeepSpeed's engine state (module, optimizer, LR scheduler) under
-``ds/``, every rank's RNG states, and ``state.json`` with the step, the data loader's
-state, the world size, the ZeRO stage, the resolved config with its hash, and the size of
-every other file rank 0 sees in it. A checkpoint whose files do not match (truncated or
-deleted afterwards, by a full disk or a hand) is damaged: the newest undamaged one is
-used instead, and the start says which and why. A save that fails (a full disk) leaves
-``latest`` on the last complete checkpoint, removes its partial folder and stops the run
-with :class:`SaveError`, which says so.
+``ds/``, every rank's RNG states (tensors and numbers), and ``state.json`` with the step,
+the data loader's state, the world size, the ZeRO stage, the resolved config with its
+hash, and the size and sha256 digest of every other file (``cmal.engine.manifest``). A
+checkpoint whose files do not match (truncated, deleted, a flipped bit, a file swapped,
+a pickle that names a callable) is damaged: the newest undamaged one is used instead, and
+the start says which file and why; a checkpoint named by hand that is damaged is an
+error. Nothing is loaded from a checkpoint but through torch's weights-only unpickler.
+A save that fails (a full disk) leaves ``latest`` on the last complete checkpoint, removes
+its partial folder and stops the run with :class:`SaveError`, which says so.
 
 A run on ``s3://`` is saved the same way into its local mirror, then sent to the store
 (``cmal.engine.store``: files, then state.json, then ``latest``) before the save returns.
@@ -23,9 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,9 @@ import torch
 import torch.distributed as dist
 
 from cmal.config import Config, ConfigError, config_hash, to_dict
+from cmal.engine import manifest
 from cmal.engine.files import fsync_dir, write_atomic
+from cmal.engine.manifest import damage
 from cmal.engine.store import Store, StoreError
 from cmal.errors import RunError
 
@@ -47,10 +51,18 @@ def step_dir(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator the step touches."""
+    """Every random generator the step touches, as tensors and plain numbers: what the
+    weights-only unpickler loads (numpy's key as an int64 tensor)."""
+    algo, key, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "algo": algo,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },  # fmt: skip
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -60,36 +72,30 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    mt = state["numpy"]
+    if isinstance(mt, dict):
+        key = mt["key"].numpy().astype(np.uint32)
+        mt = (mt["algo"], key, mt["pos"], mt["has_gauss"], mt["gauss"])
+    np.random.set_state(mt)  # else a tuple with a numpy array: saved before 2026-12-05
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_file(path: Path) -> Any:
+    """A torch file of a checkpoint, through the weights-only unpickler."""
+    try:
+        with manifest.safe_loading():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: not loadable as a checkpoint file ({why})") from None
 
 
 class SaveError(RunError):
     """A checkpoint could not be written (a full disk, a failing store); the run stopped
     and ``latest`` still names the last complete checkpoint."""
-
-
-def damage(path: Path) -> str | None:
-    """What is wrong with a checkpoint folder, or None when it is complete: renamed into
-    place, with a readable state.json, and (checkpoints from this version on) every file
-    it lists at the size it had when saved."""
-    if not path.name.startswith("step_"):
-        return "not a checkpoint folder"
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except FileNotFoundError:
-        return "state.json is missing"
-    except (OSError, ValueError) as e:
-        return f"state.json is unreadable ({type(e).__name__})"
-    for rel, size in state.get("files", {}).items():
-        f = path / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} of its {size} bytes"
-    return None
 
 
 def is_complete(path: Path) -> bool:
@@ -109,13 +115,7 @@ def newest_complete(checkpoints: Path, notes: list[str] | None = None) -> Path |
     if named is not None and named in candidates:
         candidates.remove(named)
         candidates.insert(0, named)
-    for path in candidates:
-        why = damage(path)
-        if why is None:
-            return path
-        if notes is not None:
-            notes.append(f"{path.name} is damaged ({why})")
-    return None
+    return manifest.first_intact(candidates, notes)
 
 
 def _why(e: BaseException, folder: Path) -> str:
@@ -129,12 +129,19 @@ def _why(e: BaseException, folder: Path) -> str:
     return f"{full}{type(e).__name__}: {text} ({free / 1e6:.1f} MB free on that disk)"
 
 
-def _sizes(folder: Path) -> dict[str, int]:
-    return {
-        str(f.relative_to(folder)): f.stat().st_size
-        for f in sorted(folder.rglob("*"))
-        if f.is_file() and f.name != "state.json"
-    }
+def newest_intact(checkpoints: Path) -> Path | None:
+    """:func:`newest_complete`, each damaged checkpoint passed over said on stderr in one
+    line naming its file; when every one is damaged, an error rather than nothing."""
+    notes: list[str] = []
+    return manifest.said(checkpoints, newest_complete(checkpoints, notes), notes)
+
+
+def checked(path: Path) -> Path:
+    """A checkpoint folder named by hand, refused in one line if it is damaged."""
+    why = damage(path)
+    if why is not None:
+        raise ConfigError(f"{path}: damaged checkpoint ({why}); not loaded")
+    return path
 
 
 class Checkpointer:
@@ -171,6 +178,7 @@ class Checkpointer:
                 if stale.name != tmp.name:
                     shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
+        files: dict[str, dict] = {}
         try:
             engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
             torch.save(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
@@ -180,10 +188,19 @@ class Checkpointer:
         except (OSError, RuntimeError) as e:
             failed = _why(e, tmp)
         self._agree(failed, step, tmp)
+        try:  # each rank its own files, on its own node's disk
+            files = manifest.describe(tmp, self.rank)
+        except OSError as e:
+            failed = _why(e, tmp)
+        self._agree(failed, step, tmp)
+        if dist.is_initialized() and self.world_size > 1:
+            parts: list = [None] * self.world_size
+            dist.all_gather_object(parts, files)
+            files = {rel: d for part in parts for rel, d in part.items()}
         if self.store is not None:
             if self.node_lead:
                 try:
-                    self.store.upload_tree(tmp, f"checkpoints/{final.name}", skip=("state.json",))
+                    self.store.upload_tree(tmp, f"checkpoints/{final.name}", files)
                 except StoreError as e:
                     failed = str(e)
             self._agree(failed, step, tmp)  # every node's parts are up before state.json
@@ -196,10 +213,10 @@ class Checkpointer:
                 "config_hash": self.hash,
                 "config": to_dict(self.cfg),
                 "data": data_state,
-                "files": _sizes(tmp),
+                "files": files,
             }
             try:
-                write_atomic(tmp / "state.json", json.dumps(state, indent=1))
+                write_atomic(tmp / "state.json", json.dumps(manifest.seal(state), indent=1))
                 if final.exists():  # the same step saved before (e.g. at the end, resumed)
                     shutil.rmtree(final)
                 os.replace(tmp, final)
@@ -271,11 +288,18 @@ class Checkpointer:
             return None
         path = self.dir / choice[0]
         if self.store is not None:
-            if self.node_lead:
-                self.store.fetch_checkpoint(path.name, path)
+            why = None
+            if self.node_lead and self.rank != 0:  # rank 0 fetched and checked it in _find
+                why = self.store.fetch_checkpoint(path.name, path)
+            if why is None and self.node_lead:
                 write_atomic(self.dir / LATEST, path.name + "\n")
+            found = [why]
             if dist.is_initialized() and self.world_size > 1:
-                dist.barrier()
+                found = [None] * self.world_size
+                dist.all_gather_object(found, why)
+            for rank, why in enumerate(found):
+                if why is not None:  # every rank stops, none waits for the others
+                    raise ConfigError(f"{path}: damaged checkpoint ({why}) on rank {rank}'s node")
         return path
 
     def _find(self) -> str | None:
@@ -283,16 +307,9 @@ class Checkpointer:
         damaged ones passed over are said on stderr, and when every one is damaged the
         run stops rather than start over from nothing."""
         if self.store is not None:
-            return self.store.newest_checkpoint()
-        notes: list[str] = []
-        found = newest_complete(self.dir, notes)
-        for note in notes:
-            print(f"# {self.dir}: {note}; passed over", file=sys.stderr)
-        if found is None and notes:
-            raise ConfigError(
-                f"{self.dir}: no complete checkpoint ({'; '.join(notes)}); restore the "
-                "missing files, or move the checkpoints away to start the run over"
-            )
+            found = self.store.newest_intact(self.dir)
+        else:
+            found = newest_intact(self.dir)
         return found.name if found else None
 
     # ------------------------------------------------------------------ loading
@@ -319,18 +336,20 @@ class Checkpointer:
             and state["zero_stage"] == self.cfg.engine.zero_stage
         )
         if same:
-            engine.load_checkpoint(
-                str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            set_rng_state(torch.load(rng, weights_only=False))
+            with manifest.safe_loading():
+                engine.load_checkpoint(
+                    str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+            set_rng_state(load_file(rng))
             return "exact"
         if state["zero_stage"] < 3 and self.cfg.engine.zero_stage < 3:
             # Below ZeRO-3 the module file holds the whole model whatever the world size;
             # DeepSpeed's module-only load also refreshes ZeRO's fp32 master copy.
-            engine.load_checkpoint(
-                str(path), tag=TAG, load_module_only=True,
-                load_optimizer_states=False, load_lr_scheduler_states=False,
-            )  # fmt: skip
+            with manifest.safe_loading():
+                engine.load_checkpoint(
+                    str(path), tag=TAG, load_module_only=True,
+                    load_optimizer_states=False, load_lr_scheduler_states=False,
+                )  # fmt: skip
         else:
             import deepspeed
 
@@ -344,7 +363,7 @@ class Checkpointer:
         for _ in range(state["step"]):
             engine.lr_scheduler.step()
         if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(load_file(rng))
         return "weights"
 
 
@@ -356,10 +375,11 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         # ZeRO 1-3: the fp32 master weights are spread over the ranks' optimizer files.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
+        with manifest.safe_loading():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
         return {k: v.float() for k, v in state.items()}
     model_file = ds / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise ConfigError(f"{path}: no model states found (not a cmal checkpoint?)")
-    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    module = load_file(model_file)["module"]
     return {k: v.float() for k, v in module.items()}

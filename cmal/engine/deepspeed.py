@@ -8,8 +8,11 @@ CUDA), handed to DeepSpeed as a client optimizer, so nothing has to be compiled 
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from cmal.config import Config
+from cmal.errors import RunError
 
 
 @dataclass
@@ -60,7 +64,12 @@ def init_world(cfg: Config) -> World:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        # Start-up (rendezvous, the first connections) may wait for late nodes; the
+        # training loop sets engine.collective_timeout_s (``watch_peers``).
+        start = datetime.timedelta(seconds=max(cfg.engine.collective_timeout_s, START_TIMEOUT_S))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if use_cuda else "gloo", verbose=False, timeout=start
+        )
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -74,6 +83,56 @@ def init_world(cfg: Config) -> World:
         device,
         torch.bfloat16 if bf16 else torch.float32,
     )
+
+
+START_TIMEOUT_S = 1800
+"""How long the ranks wait for each other until training starts (torch's gloo default)."""
+
+
+def watch_peers(cfg: Config) -> None:
+    """From here on a collective waits ``engine.collective_timeout_s`` for the other ranks."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        timeout = datetime.timedelta(seconds=cfg.engine.collective_timeout_s)
+        # Every group, not only the default one: DeepSpeed reduces gradients on groups of
+        # its own, made with the start-up timeout.
+        for group in list(dist.distributed_c10d._world.pg_map):
+            dist.set_timeout(timeout, group=group)
+
+
+class PeerLost(RunError):
+    """A collective failed: another rank died, hung or was stopped."""
+
+
+_COLLECTIVE = re.compile(
+    r"gloo|nccl|Connection (reset|closed) by peer|Timed out waiting|ProcessGroup|Broken pipe",
+    re.IGNORECASE,
+)
+
+
+@contextlib.contextmanager
+def peers_watched(cfg: Config, world: World):
+    """A failed collective becomes one line naming this rank, what failed and what to do:
+    gloo raises a bare RuntimeError when a peer's socket closes (a rank killed) or when
+    ``engine.collective_timeout_s`` passes (a rank hung or stopped)."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if world.size < 2 or isinstance(e, RunError):
+            raise
+        if not (isinstance(e, dist.DistError) or _COLLECTIVE.search(str(e))):
+            raise
+        text = re.sub(r"^\[[^\]]*\] ", "", text)  # gloo's source location
+        raise PeerLost(
+            f"rank {world.rank}: a collective with the other {world.size - 1} rank(s) failed "
+            f"({text}); another rank died, hung or was stopped "
+            f"(engine.collective_timeout_s={cfg.engine.collective_timeout_s}). The run "
+            "stopped; its newest intact checkpoint is kept: run the job again to resume"
+        ) from None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -12,6 +12,12 @@ Nodes share nothing but the store: each node's first process uploads the files i
 ranks wrote and downloads a checkpoint before its ranks load it. The endpoint is
 ``data.s3_endpoint`` or ``S3_ENDPOINT_URL`` (one object store per run).
 
+Every file of a checkpoint goes up with its sha256 digest, taken when it was saved, for
+the store to check against what arrives (``ChecksumSHA256``; a file over 5 GB goes in
+parts, each checked); a refused upload stops the save like a full disk. A checkpoint
+fetched from the store is checked against its digests before use, and one that fails is
+fetched again once, then passed over for the next older one.
+
 An unreachable store (stopped, restarting, network down) is retried with exponential
 backoff (botocore's standard mode, ``ATTEMPTS`` tries); past that a :class:`StoreError`
 says which store and why, and a save that needed it stops the run with ``latest`` (here and
@@ -20,21 +26,26 @@ on the store) still on the last complete checkpoint.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cmal.config import Config, ConfigError
 from cmal.engine.files import write_atomic
+from cmal.engine.manifest import DIGEST, damage, said
 from cmal.errors import RunError
 
 LATEST = "latest"
 STATE = "state.json"
 ATTEMPTS = 6
 """Tries of each store request (exponential backoff in between, about 30 s in all)."""
+SINGLE_PUT = 5 << 30
+"""S3's largest single PUT; a larger file goes up in parts, each with its own checksum."""
 
 
 class StoreError(RunError):
@@ -167,14 +178,32 @@ class Store:
         return sorted(self._list(rel, nested=False)[1])
 
     @_reachable
-    def upload(self, local: Path, rel: str) -> None:
-        self.client.upload_file(str(local), self.bucket, self.key(rel))
+    def upload(self, local: Path, rel: str, sha256: str | None = None) -> None:
+        """``local`` to ``rel``, checked by the store: against ``sha256`` (the digest the
+        file had when it was written) where given, else against one boto3 computes."""
+        import boto3.exceptions
+        import botocore.exceptions
 
-    def upload_tree(self, local: Path, rel: str, skip: tuple[str, ...] = ()) -> None:
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
-            name = path.relative_to(local).as_posix()
-            if name not in skip:
-                self.upload(path, f"{rel}/{name}")
+        try:
+            if sha256 is None or local.stat().st_size > SINGLE_PUT:
+                self.client.upload_file(str(local), self.bucket, self.key(rel),
+                                        ExtraArgs={"ChecksumAlgorithm": "SHA256"})  # fmt: skip
+                return
+            with open(local, "rb") as f:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self.key(rel), Body=f,
+                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode(),
+                )  # fmt: skip
+        except (botocore.exceptions.ClientError, boto3.exceptions.S3UploadFailedError) as e:
+            raise StoreError(
+                f"{self.url}/{rel}: the store refused the upload of {local} ({e})"
+            ) from None
+
+    def upload_tree(self, local: Path, rel: str, files: dict[str, dict]) -> None:
+        """The ``files`` of a checkpoint's manifest that are under ``local`` (this node's)."""
+        for name, saved in sorted(files.items()):
+            if (local / name).is_file():
+                self.upload(local / name, f"{rel}/{name}", saved.get(DIGEST))
 
     def upload_top(self, local: Path) -> None:
         """The run folder's own files (config, log, metrics, predictions), not checkpoints."""
@@ -196,15 +225,45 @@ class Store:
         local.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, local)
 
-    def fetch_checkpoint(self, name: str, local: Path) -> None:
-        """Make ``local`` the store's ``checkpoints/<name>``: kept if its state.json is the
-        store's, else downloaded afresh — a mirror left by an earlier run of the same name
-        (a deleted and restarted run, another test session) is never trusted."""
+    def fetch_checkpoint(self, name: str, local: Path) -> str | None:
+        """Make ``local`` the store's ``checkpoints/<name>`` and check it: what is wrong
+        with it (see :func:`~cmal.engine.manifest.damage`), or None. A mirror whose
+        state.json is the store's is kept if it checks, else downloaded afresh (a mirror
+        left by an earlier run of the same name, or a file that rotted there)."""
         remote = self.read_text(f"checkpoints/{name}/{STATE}")
         mine = local / STATE
         if remote is not None and mine.is_file() and mine.read_text() == remote:
-            return
+            if damage(local) is None:
+                return None
         self.download_tree(f"checkpoints/{name}", local)
+        return damage(local)
+
+    def newest_intact(self, checkpoints: Path) -> Path | None:
+        """The newest checkpoint complete on the store whose files, fetched into
+        ``checkpoints/``, check; those passed over are said on stderr in one line each."""
+        notes: list[str] = []
+        for name in self.complete_checkpoints():
+            why = self.fetch_checkpoint(name, checkpoints / name)
+            if why is None:
+                return said(checkpoints, checkpoints / name, notes)
+            notes.append(f"{name} is damaged ({why})")
+        return said(checkpoints, None, notes)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def complete_checkpoints(self) -> Iterator[str]:
+        """``checkpoints/<step>`` folders with their state.json on the store: the one
+        ``latest`` names first, then the others newest first (asked one at a time)."""
+        named = (self.read_text(f"checkpoints/{LATEST}") or "").strip()
+        steps = [s for s in reversed(self.folders("checkpoints")) if s.startswith("step_")]
+        if named in steps:
+            steps.remove(named)
+            steps.insert(0, named)
+        return (s for s in steps if self.exists(f"checkpoints/{s}/{STATE}"))
+
+    def newest_checkpoint(self) -> str | None:
+        """The first of :meth:`complete_checkpoints` (not fetched, not checked)."""
+        return next(self.complete_checkpoints(), None)
 
     @_reachable
     def delete_tree(self, rel: str) -> None:
@@ -212,19 +271,6 @@ class Store:
         for i in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[i : i + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk})
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def newest_checkpoint(self) -> str | None:
-        """``checkpoints/<step>`` that ``latest`` names if complete, else the newest
-        complete one."""
-        named = (self.read_text(f"checkpoints/{LATEST}") or "").strip()
-        if named and self.exists(f"checkpoints/{named}/{STATE}"):
-            return named
-        for step in reversed(self.folders("checkpoints")):
-            if step.startswith("step_") and self.exists(f"checkpoints/{step}/{STATE}"):
-                return step
-        return None
 
     def publish(self, step_folder: Path, keep: int) -> None:
         """After every file of ``step_folder`` is up: its state.json, then ``latest``, then
@@ -260,8 +306,7 @@ def local_run(path: str | Path, endpoint: str | None = None) -> Path:
         raise ConfigError(f"{path}: no run folder there (no objects under it)")
     for name in names:
         store.client.download_file(store.bucket, store.key(name), str(local / name))
-    newest = store.newest_checkpoint()
+    newest = store.newest_intact(local / "checkpoints")
     if newest:
-        store.fetch_checkpoint(newest, local / "checkpoints" / newest)
-        write_atomic(local / "checkpoints" / LATEST, newest + "\n")
+        write_atomic(local / "checkpoints" / LATEST, newest.name + "\n")
     return local

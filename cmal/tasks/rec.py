@@ -7,7 +7,6 @@ ground-truth boxes (``gt/``) and detected boxes (``det/``) separately. Predictio
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from cmal.config import ConfigError
 from cmal.data.boxes import box_iou, xywh_to_xyxy
 from cmal.data.convert import load_json
+from cmal.data.convert.refcoco import load_refs
 from cmal.model.heads import RegionScoreHead
 from cmal.tasks import Task
 
@@ -89,10 +89,7 @@ class ReferringExpressions(Task):
                 by_sent[p["sent_id"]] = p["bbox"]
             elif "ref_id" in p:
                 by_ref[p["ref_id"]] = p["bbox"]
-        refs_path = Path(files["refs"])
-        if not refs_path.is_file():
-            raise ConfigError(f"annotation file not found: {refs_path}")
-        refs = pickle.loads(refs_path.read_bytes())
+        refs = load_refs(Path(files["refs"]))
         anns = {a["id"]: a["bbox"] for a in load_json(files["instances"])["annotations"]}
         hits, missing = [], []
         for ref in refs:

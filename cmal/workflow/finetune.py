@@ -30,7 +30,7 @@ def _join(root: str, sub: str) -> str:
 def pretrained_weights(source: str | Path, endpoint: str | None = None) -> dict[str, torch.Tensor]:
     """CMAL weights (no task head) from a run folder (local or s3://), a checkpoint folder
     or a .safetensors file."""
-    from cmal.engine.checkpoint import consolidated_state_dict, is_complete
+    from cmal.engine.checkpoint import checked, consolidated_state_dict
     from cmal.engine.store import local_run
 
     path = local_run(source, endpoint)
@@ -42,8 +42,8 @@ def pretrained_weights(source: str | Path, endpoint: str | None = None) -> dict[
         weights = load_file(str(path))
     elif (path / "checkpoints").is_dir():
         weights = newest_weights(path)
-    elif is_complete(path):
-        weights = consolidated_state_dict(path)
+    elif path.name.startswith("step_") or (path / "state.json").is_file():
+        weights = consolidated_state_dict(checked(path))
     else:
         raise ConfigError(
             f"task.init_from: {path} is not a run folder, a checkpoint folder "

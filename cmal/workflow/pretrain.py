@@ -86,11 +86,20 @@ def train_module(
     cfg: Config, world, module: nn.Module, force: bool, quiet: bool, start_info: dict | None = None
 ):
     """Wrap ``module`` in the engine, resume the run's newest checkpoint, run the loop
-    (``start_info`` goes into the log's start record)."""
+    (``start_info`` goes into the log's start record); a rank lost on the way ends it in
+    one line, within ``engine.collective_timeout_s``."""
+    from cmal.engine.deepspeed import peers_watched
+
+    with peers_watched(cfg, world):
+        return _train_module(cfg, world, module, force, quiet, start_info)
+
+
+def _train_module(cfg: Config, world, module: nn.Module, force: bool, quiet: bool,
+                  start_info: dict | None):  # fmt: skip
     from cmal.data.batches import make_loader
     from cmal.data.stream import open_dataset, release
     from cmal.engine.checkpoint import Checkpointer
-    from cmal.engine.deepspeed import build_engine
+    from cmal.engine.deepspeed import build_engine, watch_peers
     from cmal.engine.loop import train, validation_losses
 
     folder = run_dir(cfg)
@@ -133,6 +142,7 @@ def train_module(
             return validation_losses(engine, val_loader, world, cfg.engine.eval_batches)
 
     observer = make_observer(cfg, world, module, folder / "log.jsonl")
+    watch_peers(cfg)
     try:
         outcome = train(
             engine, loader, cfg, world, ckpt, folder / "log.jsonl", start, evaluate, observer,
@@ -241,13 +251,14 @@ def pretrain(cfg: Config, force: bool = False, quiet: bool = False):
 
 
 def newest_weights(run: str | Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights of the run's newest complete checkpoint, named as in the
-    module the engine trained (``model.…``, ``head.…``)."""
+    """Consolidated fp32 weights of the run's newest intact checkpoint (a damaged newer one
+    passed over with a warning), named as in the module the engine trained (``model.…``,
+    ``head.…``)."""
     from cmal.config import ConfigError
-    from cmal.engine.checkpoint import consolidated_state_dict, newest_complete
+    from cmal.engine.checkpoint import consolidated_state_dict, newest_intact
     from cmal.engine.store import local_run
 
-    found = newest_complete(local_run(run) / "checkpoints")
+    found = newest_intact(local_run(run) / "checkpoints")
     if found is None:
         raise ConfigError(f"{run}: no complete checkpoint under {run}/checkpoints")
     return consolidated_state_dict(found)

@@ -26,14 +26,36 @@ SPLITS = (*UNC_SPLITS, "test")
 """Every split a refs file may hold (``test``: RefCOCOg's, by UMD)."""
 
 
+class _Refs(pickle.Unpickler):
+    """Builds only data: builtin containers, str / bytes / int / float / bool / None. A
+    refs file is handed from user to user, and a plain pickle runs whatever callable it
+    names; this one refuses every name but the two harmless ones a protocol-2 pickle of
+    plain data may use (sets, and bytes written by Python 3 as ``_codecs.encode``)."""
+
+    ALLOWED = {("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"),
+               ("__builtin__", "frozenset"), ("_codecs", "encode")}  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"it names {module}.{name}, and a refs file holds only plain data (not loaded)"
+        )
+
+
 def load_refs(path: Path):
-    """The refs pickle, Python 2's byte strings decoded as UTF-8."""
+    """The refs pickle (plain data only; nothing in it runs), Python 2's byte strings
+    decoded as UTF-8."""
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
     try:
-        return _text(pickle.loads(path.read_bytes(), encoding="bytes"))
+        with open(path, "rb") as f:
+            refs = _text(_Refs(f, encoding="bytes").load())
     except Exception as e:  # any unpickling failure means the same thing to the user
         raise DataError(f"{path}: not a readable refs pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(refs, list):
+        raise DataError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    return refs
 
 
 def _text(obj):
@@ -52,8 +74,6 @@ def records(refs: str | Path, instances: str | Path, split: str) -> Iterator[Rec
         raise DataError(f"RefCOCO+ split must be one of {SPLITS}, got {split!r}")
     refs = Path(refs)
     ref_list = load_refs(refs)
-    if not isinstance(ref_list, list):
-        raise DataError(f"{refs}: expected a list of refs, got {type(ref_list).__name__}")
     inst = load_json(instances)
     sizes = {}
     for k, im in enumerate(get(inst, "images", list, str(instances))):
