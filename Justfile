@@ -41,7 +41,7 @@ test: setup services
     {{bin}}/ruff format --check cmal tests bench
     {{bin}}/python -m pytest -q --durations=15
 
-# The quick tier, for iterating (no world, server, cluster or training run; ~N min).
+# The quick tier, for iterating: the tests that make no world and start no server, cluster or training run.
 test-quick: setup
     {{bin}}/ruff check cmal tests bench
     {{bin}}/python -m pytest -q -m "not full" --durations=10
