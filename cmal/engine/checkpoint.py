@@ -62,7 +62,7 @@ def rng_state() -> dict[str, Any]:
             "pos": pos,
             "has_gauss": has_gauss,
             "gauss": gauss,
-        },  # fmt: skip
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -261,7 +261,7 @@ class Checkpointer:
         )
 
     def _prune(self, keep: str) -> None:
-        done = sorted(p for p in self.dir.iterdir() if is_complete(p))
+        done = sorted(p for p in self.dir.iterdir() if damage(p, read=False) is None)
         for old in done[: -self.cfg.checkpoint.keep]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)

@@ -107,10 +107,10 @@ def unsafe_names(path: Path) -> list[str]:
     return [n for n in names if n not in ALLOWED]
 
 
-def check(folder: Path, files: dict) -> None:
+def check(folder: Path, files: dict, read: bool = True) -> None:
     """Raise :class:`Damaged` unless every listed file is there at its size and digest
     (a size alone for checkpoints saved before digests), and no pickle in the folder
-    names a callable outside :data:`ALLOWED`."""
+    names a callable outside :data:`ALLOWED`; ``read=False``: the sizes only."""
     for rel, saved in files.items():
         f = folder / rel
         if not f.is_file():
@@ -118,6 +118,8 @@ def check(folder: Path, files: dict) -> None:
         size = saved["bytes"] if isinstance(saved, dict) else saved
         if f.stat().st_size != size:
             raise Damaged(f"{rel} has {f.stat().st_size} of its {size} bytes")
+    if not read:
+        return
     with_digest = [rel for rel, saved in files.items() if isinstance(saved, dict)]
     with ThreadPoolExecutor(_THREADS) as pool:
         found = dict(zip(with_digest, pool.map(lambda r: digest(folder / r), with_digest),
@@ -132,11 +134,12 @@ def check(folder: Path, files: dict) -> None:
             raise Damaged(f"{rel} names {', '.join(bad)}, which a checkpoint never holds")
 
 
-def damage(path: Path) -> str | None:
+def damage(path: Path, read: bool = True) -> str | None:
     """What is wrong with a checkpoint folder, or None when it is complete: renamed into
     place, with a readable state.json, every file it lists at the size and digest it had
     when saved (a size alone for checkpoints saved before digests), and no pickle in it
-    that names a callable outside :data:`ALLOWED`."""
+    that names a callable outside :data:`ALLOWED`. ``read=False`` reads no file but
+    state.json (sizes only: what keep-K pruning needs at every save)."""
     if not path.name.startswith("step_"):
         return "not a checkpoint folder"
     try:
@@ -150,7 +153,7 @@ def damage(path: Path) -> str | None:
     if "seal" in state and hashlib.sha256(_canonical(state)).hexdigest() != state["seal"]:
         return f"{STATE} does not match its seal (its bytes changed)"
     try:
-        check(path, state.get("files", {}))
+        check(path, state.get("files", {}), read)
     except Damaged as e:
         return str(e)
     except OSError as e:
