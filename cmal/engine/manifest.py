@@ -64,6 +64,12 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _digests(folder: Path, rels: list[str]) -> dict[str, str]:
+    """``digest`` of each of ``rels``, on threads."""
+    with ThreadPoolExecutor(_THREADS) as pool:
+        return dict(zip(rels, pool.map(lambda rel: digest(folder / rel), rels), strict=True))
+
+
 def writer(rel: str) -> int:
     """The rank that writes a checkpoint file: DeepSpeed's ``zero_pp_rank_<r>`` files and
     cmal's ``rng_rank<r>`` are each rank's own, the rest (the model states below ZeRO-3)
@@ -79,11 +85,9 @@ def describe(folder: Path, rank: int) -> dict[str, dict]:
         for f in folder.rglob("*")
         if f.is_file() and f.name != STATE and writer(str(f.relative_to(folder))) == rank
     )
-    with ThreadPoolExecutor(_THREADS) as pool:
-        digests = list(pool.map(lambda rel: digest(folder / rel), rels))
     return {
         rel: {"bytes": (folder / rel).stat().st_size, DIGEST: d}
-        for rel, d in zip(rels, digests, strict=True)
+        for rel, d in _digests(folder, rels).items()
     }
 
 
@@ -121,9 +125,7 @@ def check(folder: Path, files: dict, read: bool = True) -> None:
     if not read:
         return
     with_digest = [rel for rel, saved in files.items() if isinstance(saved, dict)]
-    with ThreadPoolExecutor(_THREADS) as pool:
-        found = dict(zip(with_digest, pool.map(lambda r: digest(folder / r), with_digest),
-                         strict=True))  # fmt: skip
+    found = _digests(folder, with_digest)
     for rel in with_digest:
         if found[rel] != files[rel][DIGEST]:
             raise Damaged(f"{rel} does not match its {DIGEST} digest (its bytes changed)")

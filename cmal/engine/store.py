@@ -37,11 +37,10 @@ from pathlib import Path
 
 from cmal.config import Config, ConfigError
 from cmal.engine.files import write_atomic
-from cmal.engine.manifest import DIGEST, damage, said
+from cmal.engine.manifest import DIGEST, STATE, damage, said
 from cmal.errors import RunError
 
 LATEST = "latest"
-STATE = "state.json"
 ATTEMPTS = 6
 """Tries of each store request (exponential backoff in between, about 30 s in all)."""
 SINGLE_PUT = 5 << 30
