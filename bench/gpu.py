@@ -11,7 +11,8 @@
    measured matmul peak, engine/bare — and a torch.profiler summary of the engine's step.
 
     python bench/gpu.py                                  # on a GPU (8 minutes or less)
-    python bench/gpu.py --device cpu --steps 2 --size tiny --batch 4 --images 64   # dry run
+    python bench/gpu.py --device cpu --steps 2 --size tiny --batch 4 --images 64 \
+        --pretrain-batch 4                               # dry run
 
 Each part prints a heading and its numbers; the whole goes to ``$OUT/gpu.log`` too when
 OUT is set. A part that fails prints why and the others still run; the exit status says
@@ -82,6 +83,7 @@ def pretrain_args(args, world: Path, runs: Path, name: str, steps: int, every: i
         f"checkpoint.root={runs}",
         f"checkpoint.every={steps}",
         f"observe.peak_tflops={args.peak}",
+        *([f"data.batch_size={args.pretrain_batch}"] if args.pretrain_batch else []),
     ]
     return ["pretrain", "-c", str(ROOT / "configs/pretrain/world.yaml"), *over]
 
@@ -167,6 +169,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=400, help="scene world size")
     ap.add_argument("--size", default="base", help="bench/step.py model size")
     ap.add_argument("--batch", default="256,512", help="bench/step.py batch sizes")
+    ap.add_argument("--pretrain-batch", type=int, default=None,
+                    help="pre-training batch (default: the world config's 32)")  # fmt: skip
     ap.add_argument("--step-steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--skip-bert", action="store_true")

@@ -2,7 +2,7 @@
 # The GPU check as one prepared run (bench/gpu.py says what it does; 8 minutes or less on
 # an H100/H200):
 #   bash bench/gpu.sh [WHEELS_DIR=.whl] [bench/gpu.py argument ...]
-#   bash bench/gpu.sh --device cpu --steps 2 --size tiny --batch 4 --images 64   # dry run
+#   bash bench/gpu.sh --device cpu --steps 2 --size tiny --batch 4 --images 64 --pretrain-batch 4  # dry run
 # Where python3 lacks deepspeed / submitit / mosaicml-streaming (and nothing can be
 # fetched), it installs them from WHEELS, made beforehand on a CPU machine with
 # `bash bench/wheels.sh .whl`. The log is also written to $OUT/gpu.log when OUT is set.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -91,13 +92,13 @@ def state(job: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
-def wait(check, timeout: float, what: str):
+def wait(check, timeout: float, what: str, every: float = 0.5):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         got = check()
         if got:
             return got
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -106,9 +107,50 @@ def logged_steps(run) -> int:
     return len(losses(run)) if path.is_file() else 0
 
 
-def test_two_node_job_survives_signal_and_requeue_with_the_same_losses(world, slurm, tmp_path):
-    steps = 100
-    common = {"engine": {"steps": steps}, "checkpoint": {"every": 10}}
+def starts(run) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("event") == "start"]
+
+
+def steps_since_start(run) -> int:
+    """How many steps the run's newest start has logged."""
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    last = max(i for i, r in enumerate(rows) if r.get("event") == "start")
+    return sum("loss" in r for r in rows[last:])
+
+
+def rank_pid(job: str, rank: int) -> int | None:
+    """The process of task ``rank`` of SLURM job ``job`` (not its data-loader workers,
+    which are its children with its command line and environment)."""
+    found: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"submitit" not in (proc / "cmdline").read_bytes():
+                continue
+            env = dict(x.split("=", 1) for x in (proc / "environ").read_text().split("\0")
+                       if "=" in x)  # fmt: skip
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(rank):
+            found[int(proc.name)] = parent
+    mains = [pid for pid, parent in found.items() if parent not in found]
+    return mains[0] if len(mains) == 1 else None
+
+
+PEER_TIMEOUT = 20
+"""engine.collective_timeout_s of the 2-node job (600 by default)."""
+
+
+def test_two_node_job_survives_signal_requeue_and_a_lost_rank_with_the_same_losses(
+    world, slurm, tmp_path
+):
+    """Four interruptions of one 2-node job: the preemption signal, a requeue with no
+    warning, rank 1 killed inside a collective save, rank 1 stopped mid-step. Each time
+    the job comes back by itself; at the end its losses are the uninterrupted run's."""
+    steps = 60
+    common = {"engine": {"steps": steps, "collective_timeout_s": PEER_TIMEOUT},
+              "checkpoint": {"every": 10}}  # fmt: skip
     ref = write_config(tmp_path, world, name="ref", **common)
     assert finish(launch(ref, 2)) == [0, 0]
     want = losses(tmp_path / "runs/ref")
@@ -116,7 +158,8 @@ def test_two_node_job_survives_signal_and_requeue_with_the_same_losses(world, sl
     cfg = write_config(tmp_path, world, name="ref", **{**common, "checkpoint": {
         "every": 10, "root": str(tmp_path / "slurm-runs")}})  # fmt: skip
     run = tmp_path / "slurm-runs/ref"
-    res = cmal("submit", "pretrain", "-c", cfg, "--nodes", "2", "--cluster", profile(tmp_path))
+    prof = profile(tmp_path, max_requeues=5)
+    res = cmal("submit", "pretrain", "-c", cfg, "--nodes", "2", "--cluster", prof)
     assert res.returncode == 0, res.stderr
     job = res.stdout.split("submitted job ")[1].split(":")[0]
 
@@ -128,18 +171,43 @@ def test_two_node_job_survives_signal_and_requeue_with_the_same_losses(world, sl
     first = max(losses(run))
     wait(lambda: logged_steps(run) > first + 15, 240, "15 steps after the first requeue")
     subprocess.run(["scontrol", "requeue", job], check=True)
+    # 3. Rank 1 killed inside a collective save: rank 0's collective fails at once and
+    #    rank 0 requeues the job (a lost rank is a failure the profile's requeues mend).
+    wait(lambda: len(starts(run)) >= 3, 240, "the start after the second requeue")
+    begun = starts(run)[-1]["step"]
+    rank1 = wait(lambda: rank_pid(job, 1), 60, "rank 1's process")
+    ckpts = run / "checkpoints"
+    saving = lambda: [p for p in ckpts.glob(".tmp-step_*") if int(p.name[10:]) > begun]  # noqa: E731
+    wait(saving, 240, "a save after the second requeue", every=0.005)
+    os.kill(rank1, signal.SIGKILL)
+    wait(lambda: int(state(job).get("Restarts", 0)) >= 3, 60, "the requeue after a lost rank")
+    # 4. Rank 1 stopped mid-step: rank 0 gives up after engine.collective_timeout_s.
+    wait(lambda: len(starts(run)) >= 4, 240, "the start after the third requeue")
+    rank1 = wait(lambda: rank_pid(job, 1), 60, "rank 1's process")
+    wait(lambda: steps_since_start(run) >= 2, 240, "2 steps after the third requeue")
+    os.kill(rank1, signal.SIGSTOP)
+    stopped = time.monotonic()
+    wait(
+        lambda: int(state(job).get("Restarts", 0)) >= 4,
+        PEER_TIMEOUT + 90,
+        "a stopped rank's requeue",
+    )
+    assert time.monotonic() - stopped < PEER_TIMEOUT + 60
     wait(lambda: state(job).get("JobState") in ("COMPLETED", "FAILED"), 400, "the job's end")
     assert state(job)["JobState"] == "COMPLETED", (run / "log.jsonl").read_text()[-2000:]
 
-    starts = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    starts = [r for r in starts if r.get("event") == "start"]
-    assert [r["world_size"] for r in starts] == [2, 2, 2]
-    assert starts[0]["step"] == 0 and starts[1]["step"] >= 15 and starts[2]["step"] % 10 == 0
+    began = starts(run)
+    assert [r["world_size"] for r in began] == [2] * 5
+    assert began[0]["step"] == 0 and began[1]["step"] >= 15
+    assert all(r["step"] % 10 == 0 for r in began[2:])
     assert losses(run) == want  # every step, bitwise, as the uninterrupted run
+    said = (tmp_path / "jobs/ref" / f"{job}_0_log.err").read_text()
+    lost = "a collective with the other 1 rank(s) failed"
+    assert said.count(lost) == 2 and "another rank died, hung or was stopped" in said
 
-    out = cmal("status", "ref", "--cluster", profile(tmp_path)).stdout
+    out = cmal("status", "ref", "--cluster", prof).stdout
     row = next(x for x in out.splitlines() if x.startswith(job))
-    assert row.split()[2:4] == ["COMPLETED", "2"], out
+    assert row.split()[2:4] == ["COMPLETED", "4"], out
 
 
 def test_failing_job_stops_after_max_requeues_with_its_error(world, slurm, tmp_path):
@@ -203,15 +271,48 @@ def test_bad_input_is_refused_and_nothing_is_submitted(world, slurm, tmp_path):
     assert not list(tmp_path.rglob("jobs.json"))
 
 
-def test_local_executor_runs_the_ranks_here_and_dry_runs_a_workflow(world, tmp_path):
-    cfg = write_config(tmp_path, world, name="loc", engine={"steps": 6})
+@pytest.mark.slow  # a world of its own, then a training chain
+def test_local_executor_runs_a_chain_on_two_ranks_and_dry_runs_a_workflow(tmp_path):
+    """`cmal submit run` with two ranks (local executor): rank 0 alone makes the world and
+    keeps the state file, both ranks pre-train, fine-tune and evaluate together; run
+    again, every stage is skipped on both."""
+    world = tmp_path / "w"
+    cfg = yaml.safe_load(Path(write_config(tmp_path, world, name="loc")).read_text())
+    cfg["engine"]["steps"] = 4
+    cfg["task"] = {"data_root": str(world / "shards")}
+    (tmp_path / "loc.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "ft.yaml").write_text(
+        yaml.safe_dump({"base": "loc.yaml", "name": "loc-ve", "data": {"local": None}})
+    )
+    stages = [
+        {"name": "w", "kind": "world", "out": str(world), "images": 40, "seed": 3},
+        {"name": "pre", "kind": "pretrain", "config": str(tmp_path / "loc.yaml")},
+        {"name": "ft", "kind": "finetune", "task": "ve", "config": str(tmp_path / "ft.yaml"),
+         "from": "pre"},
+        {"name": "ev", "kind": "evaluate", "task": "ve", "run": "ft", "splits": ["dev"]},
+    ]  # fmt: skip
+    wf = tmp_path / "chain.yaml"
+    wf.write_text(
+        yaml.safe_dump({"name": "chain", "runs": str(tmp_path / "runs"), "stages": stages})
+    )
     local = tmp_path / "local.yaml"
     local.write_text("executor: local\nmax_requeues: 1\n")
-    res = cmal("submit", "pretrain", "-c", cfg, "--nodes", "2", "--cluster", str(local))
-    assert res.returncode == 0, res.stderr
-    rows = [json.loads(x) for x in (tmp_path / "runs/loc/log.jsonl").read_text().splitlines()]
-    assert [r["world_size"] for r in rows if r.get("event") == "start"] == [2]
-    assert max(r["step"] for r in rows) == 6
+    res = cmal("submit", "run", str(wf), "--nodes", "2", "--cluster", str(local))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("[w] world") == 1 and res.stdout.count("# chain: results") == 1
+    for run in ("loc", "loc-ve"):
+        rows = [
+            json.loads(x) for x in (tmp_path / "runs" / run / "log.jsonl").read_text().splitlines()
+        ]
+        assert [r["world_size"] for r in rows if r.get("event") == "start"] == [2]
+        assert max(r["step"] for r in rows) == 4
+    done = json.loads((tmp_path / "runs/workflow-chain.json").read_text())
+    assert {k: v["status"] for k, v in done.items()} == dict.fromkeys(
+        ("w", "pre", "ft", "ev"), "done"
+    )
+    assert done["ev"]["outputs"]["metrics"]["dev"]["n"] > 0
+    again = cmal("submit", "run", str(wf), "--nodes", "2", "--cluster", str(local))
+    assert again.returncode == 0 and again.stdout.count("skipped") == 4, again.stderr[-2000:]
 
     dry = cmal("submit", "run", "workflows/world.yaml", "--cluster", "local", "--dry-run")
     assert dry.returncode == 0, dry.stderr

@@ -98,17 +98,16 @@ def test_a_log_record_is_the_mean_of_its_steps(world, tmp_path):
         assert windows[end] == pytest.approx(mean, rel=1e-12)
 
 
+@pytest.mark.slow  # ~80 s: AOT tracing at symbolic shapes, as engine.compile does
 def test_compiled_step_has_no_graph_break():
     """The pre-training losses trace as one graph (AMC, MLM, ITM and the prompt layer's
-    draws in fixed shapes); ``fullgraph`` also traces the backward at two text lengths."""
+    draws in fixed shapes): ``fullgraph`` raises at a graph break, naming its reason; the
+    backward is traced too, at two text lengths."""
     from cmal.model.cmal import CMAL
     from cmal.workflow.pretrain import PretrainObjective
 
     cfg = tiny_config().model
     module = PretrainObjective(CMAL(cfg).train())
-    batch = random_batch(cfg, n=4, text_len=16, regions=8)
-    explained = torch._dynamo.explain(module)({"batch": batch})
-    assert explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
     compiled = torch.compile(module, backend="aot_eager", dynamic=True, fullgraph=True)
     for text_len in (16, 11):
@@ -163,6 +162,7 @@ def test_skip_goes_back_to_the_checkpoint_without_the_bad_batch(world, tmp_path)
     assert (tmp_path / "runs/skip/checkpoints/latest").read_text().strip() == "step_00000008"
 
 
+@pytest.mark.slow  # a world, three trainings and the step bench
 def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     """bench/gpu.sh, the script a lent GPU runs, end to end on the CPU at tiny sizes:
     world, bf16 (fp32 on a CPU without native bf16) ZeRO-2 pre-training scraped for cmal_mfu,
@@ -182,7 +182,7 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     precision = "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
     args = ["--device", "cpu", "--steps", "2", "--size", "tiny", "--batch", "4", "--images", "64",
-            "--precision", precision]  # fmt: skip
+            "--pretrain-batch", "4", "--precision", precision]  # fmt: skip
     res = subprocess.run(["bash", "bench/gpu.sh", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

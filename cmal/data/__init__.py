@@ -7,3 +7,7 @@ image's features once, ``schema.py``), reading them (``source.py``, ``mds.py``,
 
 Imports ``config`` and, for the batch types it fills, ``model``; nothing that trains.
 """
+
+from cmal.data.lean_streaming import defer
+
+defer()

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,7 +99,21 @@ def watch_peers(cfg: Config) -> None:
         # Every group, not only the default one: DeepSpeed reduces gradients on groups of
         # its own, made with the start-up timeout.
         for group in list(dist.distributed_c10d._world.pg_map):
-            dist.set_timeout(timeout, group=group)
+            if group not in _PATIENT:
+                dist.set_timeout(timeout, group=group)
+
+
+_PATIENT: list[Any] = []
+
+
+def patient_group(timeout: datetime.timedelta):
+    """A gloo group of every rank whose collectives wait ``timeout``, which ``watch_peers``
+    leaves as it is: for ranks that wait on rank 0's work between training stages."""
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    _PATIENT.append(group)
+    return group
 
 
 class PeerLost(RunError):

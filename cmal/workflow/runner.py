@@ -29,6 +29,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,11 @@ class Runner:
     """Runs a workflow's stages in order, keeping the state file up to date."""
 
     def __init__(self, wf: Workflow, echo=print):
-        self.wf, self.echo = wf, echo
+        from cmal.workflow.ranks import Ranks
+
+        self.ranks = Ranks()
+        self.wf = wf
+        self.echo = echo if self.ranks.main else lambda *_, **__: None
         self.state_path = Path(wf.runs_root) / f"workflow-{wf.name}.json"
         self.state: dict[str, Any] = (
             json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
@@ -162,7 +167,9 @@ class Runner:
         """Write the records of the stages this runner ran into the state file, over what
         is there now: several runners of one study (``--arms``/``--seeds`` parts, each
         with its own ``TMPDIR`` for streaming's caches) share the file without losing
-        each other's records."""
+        each other's records. Rank 0 alone writes it."""
+        if not self.ranks.main:
+            return
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.state_path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -221,22 +228,20 @@ class Runner:
         """Run every stage; returns "done" or "preempted"."""
         for st in self.wf.stages:
             name = st["name"]
+            trains = st["kind"] in ("pretrain", "finetune")
             try:
                 digest, inputs = self.plan(st)
+                self.hashes[name] = digest
+                if st["kind"] == "world":
+                    self.worlds.append(digest)
+                done, stale = self.ranks.share(partial(self._before, name, trains), self._engine)
             except Exception as e:
                 raise StageFailed(f"stage {name!r} failed: {e}") from e
-            self.hashes[name] = digest
-            if st["kind"] == "world":
-                self.worlds.append(digest)
-            rec = self.state.get(name, {})
-            trains = st["kind"] in ("pretrain", "finetune")
-            same = rec.get("hash") == digest and not (trains and self._other_world(rec))
-            if rec.get("status") == "done" and same and _present(rec):
+            if done is not None:
                 self.echo(f"[{name}] done before with the same inputs: skipped")
-                self.outputs[name] = rec.get("outputs", {})
+                self.outputs[name] = done
                 continue
             self.echo(f"[{name}] {st['kind']} …")
-            stale = trains and bool(rec) and not same
             self.state[name] = {
                 "status": "running",
                 "hash": digest,
@@ -250,7 +255,11 @@ class Runner:
             try:
                 if stale:
                     self._set_aside(name, Path(inputs["run"]))
-                status, outputs = self.execute(st, inputs)
+                if st["kind"] == "world":  # rank 0 makes it; the others read it after
+                    make = partial(self.execute, st, inputs)
+                    status, outputs = self.ranks.share(make, self._engine)
+                else:  # collective: every rank
+                    status, outputs = self.execute(st, inputs)
             except Exception as e:
                 self.state[name].update(status="failed", error=f"{type(e).__name__}: {e}")
                 self._save()
@@ -264,6 +273,26 @@ class Runner:
                 return status
         self.echo(self.summary())
         return "done"
+
+    def _before(self, name: str, trains: bool) -> tuple[dict[str, Any] | None, bool]:
+        """What the state file says of a stage (rank 0 reads it for the job): its outputs
+        when done before with the same inputs, else None; and whether its run folder was
+        trained on other inputs than now."""
+        rec = self.state.get(name, {})
+        same = rec.get("hash") == self.hashes[name] and not (trains and self._other_world(rec))
+        if rec.get("status") == "done" and same and _present(rec):
+            return rec.get("outputs", {}), False
+        return None, trains and bool(rec) and not same
+
+    def _engine(self) -> Config:
+        """The config that starts a job's process group: the first training stage's (its
+        engine section picks the backend the training stages then use)."""
+        for st in self.wf.stages:
+            if st["kind"] == "pretrain":
+                return self.config(st, [])
+            if st["kind"] == "finetune":
+                return self.config(st, [f"task.name={st['task']}"])
+        return Config()
 
     def _other_world(self, rec: dict[str, Any]) -> bool:
         """Whether a training stage's record was trained on other world data than now (a
@@ -286,7 +315,7 @@ class Runner:
             )
         # One rank moves it. The others touch the folder only after the stage's first
         # collective (engine setup, task info), which rank 0 joins after the move.
-        if int(os.environ.get("RANK", "0")) != 0 or not run.exists():
+        if not self.ranks.main or not run.exists():
             return
         n = 1
         while run.with_name(f"{run.name}.stale-{n}").exists():
