@@ -102,6 +102,15 @@ def test_report_means_and_stds_over_seeds_and_the_fraction_plot(tmp_path):
     sd = statistics.stdev([50.0, 60.0])
     assert f"| cmal | 2 | 55.0 ± {sd:.1f} | 42.0 ± {statistics.stdev([40.0, 44.0]):.1f} |" in text
     assert "| cmal-25 | 1 | 30.0 | 20.0 |" in text and "| contrastive | 1 | 45.0 | 35.0 |" in text
+    # a task's other metrics (NLVR2's consistency) as columns of their own, not in verdicts
+    folder = tmp_path / "claim-cmal-s0-nlvr2"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps(
+        {"dev": {"accuracy": 0.6, "consistency": 0.25, "n": 8.0}}))  # fmt: skip
+    nlvr2 = tables(collect([folder]))
+    assert (
+        "| arm | seeds | dev | dev consistency |" in nlvr2 and "| cmal | 1 | 60.0 | 25.0 |" in nlvr2
+    )
     png = plot(results, tmp_path / "fig" / "fraction.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ConfigError, match="no evaluated runs"):

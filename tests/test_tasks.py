@@ -48,7 +48,7 @@ def test_vqa_accuracy_by_hand():
     assert accuracy("dog", ["cat"] * 10) == 0.0
 
 
-def _rec_item(pred_box, target_box):
+def _rec_item(pred_box, target_box, mask=(True, True)):
     n, r = 1, 2
     boxes = torch.tensor([[pred_box, [0.9, 0.9, 1.0, 1.0]]])
     batch = Batch(
@@ -56,7 +56,7 @@ def _rec_item(pred_box, target_box):
         torch.ones(n, 2, dtype=torch.bool),
         torch.zeros(n, r, 4),
         boxes,
-        torch.ones(n, r, dtype=torch.bool),
+        torch.tensor([mask]),
         torch.zeros(n, r, dtype=torch.long),
         Anchors(
             *(torch.zeros(n, 1, dtype=torch.long) for _ in range(3)),
@@ -80,6 +80,49 @@ def test_rec_iou_boundary_at_one_half():
     miss = rec.predict(logits, _rec_item([0.0, 0.0, 0.49, 0.5], [0.0, 0.0, 1.0, 0.5]), {})
     assert miss[0]["score"] == 0.0
     assert hit[0]["bbox"] == [0.0, 0.0, 50.0, 25.0]  # pixels, x y w h
+
+
+def test_rec_upper_bound_by_hand():
+    """Upper bound: the share of expressions whose target some real candidate box covers
+    at IoU >= 0.5, whichever box the model picks."""
+    rec = get_task("rec")
+    target, far = [0.0, 0.0, 0.5, 0.5], [0.6, 0.6, 0.7, 0.7]
+    first, second = torch.tensor([[5.0, 0.0]]), torch.tensor([[0.0, 5.0]])
+    records = [
+        *rec.predict(first, _rec_item(target, target), {}),  # right: hit, covered
+        *rec.predict(second, _rec_item(target, target), {}),  # wrong box, yet covered
+        *rec.predict(first, _rec_item(far, target), {}),  # no box covers it
+        *rec.predict(second, _rec_item(target, target, mask=(False, True)), {}),  # padding
+    ]
+    assert [r["score"] for r in records] == [1.0, 0.0, 0.0, 0.0]
+    assert rec.metrics(records) == {"accuracy": 0.25, "upper_bound": 0.5, "n": 4.0}
+
+
+def test_nlvr2_accuracy_and_consistency_by_hand(tmp_path):
+    """As lil-lab/nlvr's nlvr2/eval/metrics.py scores them: accuracy over pairs; a sentence
+    (identifier but its pair field) is consistent when every one of its pairs is right.
+    Predictions as its CSV (labels compared without case) or as cmal's JSON."""
+    nlvr2 = get_task("nlvr2")
+    gold = {"dev-1-0-0": "True", "dev-1-1-0": "False", "dev-1-2-0": "True",  # sentence 1
+            "dev-2-0-1": "False", "dev-2-1-1": "False",  # sentence 2
+            "dev-3-0-0": "True"}  # fmt: skip
+    said = {"dev-1-0-0": "True", "dev-1-1-0": "false", "dev-1-2-0": "True",  # all right
+            "dev-2-0-1": "False", "dev-2-1-1": "True",  # one wrong
+            "dev-3-0-0": "False"}  # fmt: skip
+    want = {"accuracy": pytest.approx(4 / 6), "consistency": pytest.approx(1 / 3), "n": 6.0}
+    annotations = tmp_path / "dev.json"
+    annotations.write_text("".join(json.dumps({"identifier": k, "label": v}) + "\n"
+                                   for k, v in gold.items()))  # fmt: skip
+    csv, js = tmp_path / "p.csv", tmp_path / "p.json"
+    csv.write_text("".join(f"{k},{v}\n" for k, v in said.items()))
+    js.write_text(json.dumps(said))
+    for path in (csv, js):
+        assert nlvr2.score_file(path, {"json": annotations}, None) == want
+    records = [{"id": k, "score": float(said[k].lower() == v.lower())} for k, v in gold.items()]
+    assert nlvr2.metrics(records) == want
+    csv.write_text("dev-1-0-0,True\ndev-1-1-0 False\n")
+    with pytest.raises(ConfigError, match=r"p\.csv:2: expected 'identifier,prediction'"):
+        nlvr2.score_file(csv, {"json": annotations}, None)
 
 
 def test_vqa_score_file(tmp_path):
@@ -263,6 +306,15 @@ def test_chain_runs_skips_and_metrics_match_across_ranks(world, tmp_path):
     assert scored["accuracy"] == pytest.approx(
         json.loads((runs / "t-vqa/metrics.json").read_text())["val"]["accuracy"]
     )
+    # NLVR2's CSV scores as its metrics.json says; REC's upper bound bounds its accuracy
+    nlvr2 = json.loads((runs / "t-nlvr2/metrics.json").read_text())["dev"]
+    scored = get_task("nlvr2").score_file(
+        runs / "t-nlvr2/predictions_dev.csv", {"json": w / "nlvr2/dev.json"}, None
+    )
+    assert scored == {k: pytest.approx(v) for k, v in nlvr2.items()}
+    assert set(nlvr2) == {"accuracy", "consistency", "n"}
+    rec = json.loads((runs / "t-rec/metrics.json").read_text())
+    assert all(m["accuracy"] <= m["upper_bound"] <= 1.0 for m in rec.values())
     state = json.loads((runs / "workflow-chain.json").read_text())
     assert all(s["status"] == "done" for s in state.values())
 

@@ -14,7 +14,7 @@ import json
 import re
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmal.config import ConfigError
@@ -31,6 +31,9 @@ class Result:
     task: str
     metrics: dict[str, float]
     """split -> accuracy in %."""
+    more: dict[str, float] = field(default_factory=dict)
+    """"<split> <metric>" -> each other metric the task reports, in % (NLVR2's
+    consistency, REC's upper bound): in the tables, not in the verdicts or the plot."""
 
 
 def collect(paths: list[Path]) -> list[Result]:
@@ -46,7 +49,9 @@ def collect(paths: list[Path]) -> list[Result]:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{metrics}: not valid JSON ({e})") from None
         acc = {split: 100 * v["accuracy"] for split, v in data.items() if "accuracy" in v}
-        out.append(Result(m["arm"], int(m["seed"]), m["task"], acc))
+        more = {f"{split} {k.replace('_', ' ')}": 100 * x for split, v in data.items()
+                for k, x in v.items() if k not in ("accuracy", "n")}  # fmt: skip
+        out.append(Result(m["arm"], int(m["seed"]), m["task"], acc, more))
     if not out:
         raise ConfigError(
             "no evaluated runs named <study>-<arm>-s<seed>-<task> with a metrics.json among "
@@ -61,25 +66,28 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def _values(results: list[Result]) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """(task, arm) -> split -> one value per seed."""
+def _values(
+    results: list[Result], more: bool = False
+) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """(task, arm) -> split -> one value per seed (``more``: the other metrics too)."""
     by: dict = defaultdict(lambda: defaultdict(list))
     for r in results:
-        for split, v in r.metrics.items():
+        for split, v in (r.metrics | r.more if more else r.metrics).items():
             by[(r.task, r.arm)][split].append(v)
     return by
 
 
 def tables(results: list[Result]) -> str:
     """One Markdown table per task: arms × splits, mean ± std over seeds (n = seeds)."""
-    by = _values(results)
+    by = _values(results, more=True)
     seeds = defaultdict(set)
     for r in results:
         seeds[(r.task, r.arm)].add(r.seed)
     arms = list(dict.fromkeys(r.arm for r in results))
     lines = []
     for task in [t for t in TASK_ORDER if any(r.task == t for r in results)]:
-        splits = list(dict.fromkeys(s for r in results if r.task == task for s in r.metrics))
+        splits = list(dict.fromkeys(s for r in results if r.task == task
+                                    for s in r.metrics | r.more))  # fmt: skip
         lines += [f"### {task}", "", "| arm | seeds | " + " | ".join(splits) + " |"]
         lines.append("|---|---|" + "---|" * len(splits))
         for arm in arms:

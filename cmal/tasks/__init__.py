@@ -8,6 +8,7 @@ readers, boxes); the engine never imports a task, the workflow hands one to it.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,14 @@ class Task:
     ) -> list[dict]:
         """One record per example: its id, its prediction, and ``score`` (its metric value)."""
         raise NotImplementedError
+
+    def metrics(self, predictions: list[dict]) -> dict[str, float]:
+        """An eval set's metrics from its prediction records (each id once): ``accuracy``
+        (the mean ``score``) and ``n``; a task adds what its official evaluation reports
+        beside accuracy."""
+        scores = [p["score"] for p in predictions if not math.isnan(p["score"])]
+        accuracy = sum(scores) / len(scores) if scores else float("nan")
+        return {"accuracy": accuracy, "n": float(len(predictions))}
 
     def write(self, predictions: list[dict], folder: Path, label: str) -> Path:
         """Write predictions in the official submission format; returns the file."""
@@ -181,19 +190,28 @@ class LabelTask(Task):
         path.write_text(json.dumps({p["id"]: p["label"] for p in predictions}))
         return path
 
+    def read_predictions(self, path: Path) -> dict[str, str]:
+        """A prediction file as {id: label}."""
+        preds = load_json(path)
+        if not isinstance(preds, dict):
+            raise ConfigError(f"{path}: expected a JSON object {{id: label}}")
+        return {str(k): str(v) for k, v in preds.items()}
+
+    def right(self, predicted: str, gold: str) -> bool:
+        """Whether a predicted label is the gold one (as the official evaluation compares)."""
+        return predicted == gold
+
     def score_file(self, predictions, files, split):
         key = self.annotation_flag.removeprefix("--")
         if key not in files:
             raise ConfigError(f"{self.name} scoring needs {self.annotation_flag}")
         gold = {str(r[self.id_field]): str(r[self.label_field]) for _, r in read_jsonl(files[key])}
-        preds = load_json(predictions)
-        if not isinstance(preds, dict):
-            raise ConfigError(f"{predictions}: expected a JSON object {{id: label}}")
+        preds = self.read_predictions(Path(predictions))
         missing = [k for k in gold if k not in preds]
         if missing:
             raise ConfigError(
                 f"{predictions}: {len(missing)} of {len(gold)} ids have no prediction "
                 f"(first: {missing[0]!r})"
             )
-        correct = sum(str(preds[k]) == v for k, v in gold.items())
-        return {"accuracy": correct / max(len(gold), 1), "n": float(len(gold))}
+        records = [{"id": k, "score": float(self.right(preds[k], v))} for k, v in gold.items()]
+        return self.metrics(records)

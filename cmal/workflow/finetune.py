@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -184,9 +183,7 @@ def evaluate_module(
             # Streaming pads ranks to equal length by repeating samples: count each id once.
             unique = {p["id"]: p for part in gathered for p in part}
             preds = list(unique.values())
-            scores = [p["score"] for p in preds if not math.isnan(p["score"])]
-            metrics[label] = {"accuracy": sum(scores) / len(scores) if scores else float("nan"),
-                              "n": float(len(preds))}  # fmt: skip
+            metrics[label] = task.metrics(preds)
             if world.is_main:
                 task.write(preds, folder, label)
     if world.is_main:
@@ -224,10 +221,15 @@ def evaluate(
 
 
 def metrics_table(task: str, metrics: dict[str, dict[str, float]]) -> str:
-    """A plain table: one row per evaluated split."""
-    lines = [f"{task:<8}{'split':<14}{'accuracy':>10}{'n':>8}"]
+    """A plain table: one row per evaluated split; a column for each metric the task
+    reports beside accuracy (NLVR2's consistency, REC's upper bound)."""
+    extra = list(dict.fromkeys(k for m in metrics.values() for k in m))
+    extra = [k for k in extra if k not in ("accuracy", "n")]
+    head = "".join(f"{k.replace('_', ' '):>13}" for k in extra)
+    lines = [f"{task:<8}{'split':<14}{'accuracy':>10}{head}{'n':>8}"]
     for label, m in metrics.items():
-        lines.append(f"{'':<8}{label:<14}{100 * m['accuracy']:>9.2f}%{int(m['n']):>8}")
+        cells = "".join(f"{100 * m[k]:>12.2f}%" if k in m else f"{'':>13}" for k in extra)
+        lines.append(f"{'':<8}{label:<14}{100 * m['accuracy']:>9.2f}%{cells}{int(m['n']):>8}")
     return "\n".join(lines)
 
 

@@ -331,7 +331,9 @@ class Runner:
             if st["kind"] == "evaluate":
                 for label, m in self.outputs.get(st["name"], {}).get("metrics", {}).items():
                     acc, n = 100 * m["accuracy"], int(m["n"])
-                    lines.append(f"{st['task']:<6} {label:<10} accuracy {acc:6.2f}%  (n={n})")
+                    more = "".join(f"  {k.replace('_', ' ')} {100 * v:6.2f}%" for k, v in m.items()
+                                   if k not in ("accuracy", "n"))  # fmt: skip
+                    lines.append(f"{st['task']:<6} {label:<10} accuracy {acc:6.2f}%{more}  (n={n})")
         return "\n".join(lines)
 
     def execute(self, st: dict[str, Any], inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
