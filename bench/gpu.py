@@ -85,7 +85,7 @@ def pretrain_args(args, world: Path, runs: Path, name: str, steps: int, every: i
         f"observe.peak_tflops={args.peak}",
         *([f"data.batch_size={args.pretrain_batch}"] if args.pretrain_batch else []),
     ]
-    return ["pretrain", "-c", str(ROOT / "configs/pretrain/world.yaml"), *over]
+    return ["pretrain", "-c", args.config, *over]
 
 
 def part_pretrain(args, world: Path, runs: Path, log) -> bool:
@@ -169,6 +169,11 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=400, help="scene world size")
     ap.add_argument("--size", default="base", help="bench/step.py model size")
     ap.add_argument("--batch", default="256,512", help="bench/step.py batch sizes")
+    ap.add_argument(
+        "--config",
+        default=str(ROOT / "configs/pretrain/world.yaml"),
+        help="the pre-training config (the world's small model by default)",
+    )
     ap.add_argument("--pretrain-batch", type=int, default=None,
                     help="pre-training batch (default: the world config's 32)")  # fmt: skip
     ap.add_argument("--step-steps", type=int, default=20)

@@ -497,7 +497,7 @@ def test_head_only_trains_the_head_alone_and_resumes_exactly(world, tmp_path):
 
     pre = write_config(tmp_path, world, name="pre", engine={"steps": 2})
     assert finish(launch(pre, 1)) == [0]
-    steps = 1500
+    steps = 600
 
     def config(root: str) -> str:
         path = tmp_path / f"{root}.yaml"
