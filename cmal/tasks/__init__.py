@@ -98,6 +98,12 @@ class Task:
         raise NotImplementedError
 
 
+def beside_accuracy(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics an eval set reports beside accuracy and n, by their printed names
+    (``upper_bound`` -> ``upper bound``)."""
+    return {k.replace("_", " "): v for k, v in metrics.items() if k not in ("accuracy", "n")}
+
+
 class FeatureNorm(nn.Module):
     """Per-dimension standardisation of frozen features (head-only fine-tuning). Without it
     the head barely learns from raw [CLS] in 3,000 steps (scene-world NLVR2, 150-step

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from cmal.config import Config, ConfigError, load_config, save_config
 from cmal.model.cmal import CMAL
-from cmal.tasks import Objective, Task, get_task
+from cmal.tasks import Objective, Task, beside_accuracy, get_task
 from cmal.workflow.pretrain import announce, newest_weights, run_dir, sync_run, train_module
 
 
@@ -223,12 +223,13 @@ def evaluate(
 def metrics_table(task: str, metrics: dict[str, dict[str, float]]) -> str:
     """A plain table: one row per evaluated split; a column for each metric the task
     reports beside accuracy (NLVR2's consistency, REC's upper bound)."""
-    extra = list(dict.fromkeys(k for m in metrics.values() for k in m))
-    extra = [k for k in extra if k not in ("accuracy", "n")]
-    head = "".join(f"{k.replace('_', ' '):>13}" for k in extra)
+    more = {label: beside_accuracy(m) for label, m in metrics.items()}
+    extra = list(dict.fromkeys(k for m in more.values() for k in m))
+    head = "".join(f"{k:>13}" for k in extra)
     lines = [f"{task:<8}{'split':<14}{'accuracy':>10}{head}{'n':>8}"]
     for label, m in metrics.items():
-        cells = "".join(f"{100 * m[k]:>12.2f}%" if k in m else f"{'':>13}" for k in extra)
+        cells = "".join(f"{100 * more[label][k]:>12.2f}%" if k in more[label] else f"{'':>13}"
+                        for k in extra)  # fmt: skip
         lines.append(f"{'':<8}{label:<14}{100 * m['accuracy']:>9.2f}%{cells}{int(m['n']):>8}")
     return "\n".join(lines)
 

@@ -326,13 +326,14 @@ class Runner:
 
     def summary(self) -> str:
         """Every evaluate stage's metrics, one line per evaluated split."""
+        from cmal.tasks import beside_accuracy
+
         lines = [f"\n# {self.wf.name}: results"]
         for st in self.wf.stages:
             if st["kind"] == "evaluate":
                 for label, m in self.outputs.get(st["name"], {}).get("metrics", {}).items():
                     acc, n = 100 * m["accuracy"], int(m["n"])
-                    more = "".join(f"  {k.replace('_', ' ')} {100 * v:6.2f}%" for k, v in m.items()
-                                   if k not in ("accuracy", "n"))  # fmt: skip
+                    more = "".join(f"  {k} {100 * v:6.2f}%" for k, v in beside_accuracy(m).items())
                     lines.append(f"{st['task']:<6} {label:<10} accuracy {acc:6.2f}%{more}  (n={n})")
         return "\n".join(lines)
 
