@@ -46,7 +46,7 @@ test-quick: setup
     {{bin}}/ruff check cmal tests bench
     {{bin}}/python -m pytest -q -m "not full" --durations=10
 
-# The main job on the embedded default: scene world -> pretrain -> fine-tune x4 -> evaluate x4.
+# The main job on the embedded default: scene world -> pretrain -> fine-tune x5 -> evaluate x5 (+ zero-shot retrieval).
 demo: setup
     {{bin}}/cmal run workflows/world.yaml
 

@@ -55,14 +55,16 @@ def _texts(folder: Path, keys: list[str], per_image: int, regions: int, dim: int
 
 
 def write_coco(folder: Path, images: int, captions: int = 5, regions: int = 36,
-               dim: int = 2048, seed: int = 0) -> dict[str, Path]:  # fmt: skip
-    """``dataset_coco.json`` (Karpathy) + ``feats.tsv``: ``captions`` per image."""
+               dim: int = 2048, seed: int = 0,
+               split: str = "train") -> dict[str, Path]:  # fmt: skip
+    """``dataset_coco.json`` (Karpathy) + ``feats.tsv``: ``captions`` per image, every image
+    in ``split``."""
     keys = [str(100000 + k) for k in range(images)]
     out, texts_of = [], _texts(folder, keys, captions, regions, dim, seed)
     for k, (key, texts) in enumerate(zip(keys, texts_of, strict=True)):
         sentences = [{"raw": raw, "tokens": [], "sentid": k * captions + j}
                      for j, raw in enumerate(texts)]  # fmt: skip
-        out.append({"split": "train", "filename": f"COCO_train2014_{int(key):012}.jpg",
+        out.append({"split": split, "filename": f"COCO_train2014_{int(key):012}.jpg",
                     "filepath": "train2014", "cocoid": int(key), "imgid": k,
                     "sentids": [s["sentid"] for s in sentences],
                     "sentences": sentences})  # fmt: skip

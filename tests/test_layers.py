@@ -19,7 +19,7 @@ ALLOWED = {
     "detect": {"config", "errors", "data", "engine"},
     "workflow": {"config", "errors", "model", "data", "tasks", "engine"},
     "launch": {"config", "errors", "data", "engine", "detect", "workflow"},
-    "analysis": {"config", "errors", "model", "data", "workflow"},
+    "analysis": {"config", "errors", "model", "data", "tasks", "workflow"},
     "cli": {
         "config",
         "errors",

@@ -125,6 +125,72 @@ def test_nlvr2_accuracy_and_consistency_by_hand(tmp_path):
         nlvr2.score_file(csv, {"json": annotations}, None)
 
 
+class _Matcher:
+    """A stand-in for the model's ITM: a pair's log-odds from a table, the pair read from
+    the states (a text's and an image's state hold their own index)."""
+
+    itm = True
+
+    def __init__(self, table):
+        self.table, self.calls = table, 0
+
+    def match_logits(self, t, v, text_mask, region_mask, boxes):
+        self.calls += len(t)
+        odds = [self.table[int(i)][int(j)] for i, j in zip(v[:, 0, 0], t[:, 0, 0], strict=True)]
+        return torch.stack([torch.zeros(len(odds)), torch.tensor(odds)], 1)
+
+
+def test_retrieval_recalls_and_reranking_by_hand(tmp_path):
+    """Three images A, B, C; texts a1, a2 (of A), b1, b2 (of B), c1 (of C); embedding
+    similarities as below. Every rank worked out by hand, with embeddings alone, with ITM
+    re-ranking the top 2 and the top 3, and on the fold {A, B}."""
+    from types import SimpleNamespace
+
+    from cmal.tasks.retrieval import Gallery, recalls
+
+    sims = [[0.9, 0.1, 0.8, 0.2, 0.3],  # A: a1 a2 b1 b2 c1
+            [0.7, 0.6, 0.2, 0.5, 0.1],  # B
+            [0.4, 0.3, 0.35, 0.9, 0.2]]  # C  # fmt: skip
+    names, owner = ["a1", "a2", "b1", "b2", "c1"], ["A", "A", "B", "B", "C"]
+    texts = [(n, o, torch.tensor([[float(j)]]), torch.tensor([r[j] for r in sims]))
+             for j, (n, o) in enumerate(zip(names, owner, strict=True))]  # fmt: skip
+    images = {k: (torch.tensor([[float(i)]]), torch.zeros(1, 4), torch.eye(3)[i])
+              for i, k in enumerate("ABC")}  # fmt: skip
+    # ITM: a matched pair 5 + its similarity, another pair its similarity - 5
+    table = [[s + 5 if owner[j] == "ABC"[i] else s - 5 for j, s in enumerate(row)]
+             for i, row in enumerate(sims)]  # fmt: skip
+    world = SimpleNamespace(rank=0, size=1, device="cpu")
+    image_of = dict(zip(names, owner, strict=True))
+
+    def check(k, model, want, images_of_fold=(0, 1, 2)):
+        g = Gallery(texts, images)
+        i2t, t2i, of = g.rankings(model, torch.tensor(images_of_fold), k, world, chunk=3)
+        got = recalls(i2t, t2i, of)
+        assert {m: got[m] for m in want} == pytest.approx(want), (k, i2t, t2i)
+        return i2t, t2i
+
+    plain = SimpleNamespace(itm=None)
+    # i2t: A a1 (rank 0); B a1 a2 b2 (rank 2); C b2 a1 b1 a2 c1 (rank 4)
+    # t2i: a1 A (0); a2 B C A (2); b1 A C B (2); b2 C B (1); c1 A C (1)
+    i2t, t2i = check(0, plain, {"txt_r1": 1 / 3, "txt_r5": 1.0, "img_r1": 1 / 5, "img_r5": 1.0,
+                                "r_mean": (7 / 9 + 11 / 15) / 2, "n": 3.0})  # fmt: skip
+    assert i2t["C"] == ["b2", "a1", "b1", "a2", "c1"] and t2i["a2"] == ["B", "C", "A"]
+    assert recalls(i2t, t2i, image_of)["txt_r1"] == pytest.approx(1 / 3)
+    # top 2 re-ranked: b2 -> B and c1 -> C move first; no image's text moves (B's and C's
+    # own texts are not among their top 2)
+    matcher = _Matcher(table)
+    check(2, matcher, {"txt_r1": 1 / 3, "img_r1": 3 / 5, "img_r5": 1.0})
+    assert matcher.calls == 11  # 3 x 2 + 5 x 2 pairs, 5 of them in both directions: once
+    # top 3: every text's image is re-ranked first; C's c1 still is not among C's top 3
+    check(3, _Matcher(table), {"txt_r1": 2 / 3, "txt_r5": 1.0, "img_r1": 1.0})
+    # the fold {A, B}: A a1 (0), B a1 a2 b2 (2); a1 A, a2 B A (1), b1 A B (1), b2 B (0)
+    check(0, plain, {"txt_r1": 1 / 2, "txt_r5": 1.0, "img_r1": 2 / 4, "n": 2.0}, (0, 1))
+    # a text whose image is missing from its list is a miss, not an error
+    assert recalls({"A": ["a2"]}, {"a2": ["B"]}, {"a2": "A"})["img_r10"] == 0.0
+    with pytest.raises(ConfigError, match="no ranking"):
+        recalls({"A": ["a2"]}, {}, {"a2": "A"})
+
+
 def test_vqa_score_file(tmp_path):
     q = tmp_path / "q.json"
     a = tmp_path / "a.json"
@@ -268,6 +334,16 @@ def _write_chain(tmp_path, world):
             }
         )
         stages.append({"name": f"ev-{t}", "kind": "evaluate", "task": t, "run": f"ft-{t}"})
+    # retrieval: ITM re-ranks the top 4 (fewer than 10: the order below them counts), and
+    # folds of 8 images are scored beside the 16-image sets; zero-shot from the pre-training
+    retrieval = ["model.losses.itc=true", "model.losses.itm=true", "task.rerank_k=4",
+                 "task.fold_images=8", "name=t-retrieval"]  # fmt: skip
+    stages += [
+        {"name": "ft-retrieval", "kind": "finetune", "task": "retrieval", "from": "pretrain",
+         "config": str(tmp_path / "ft.yaml"), "overrides": retrieval},
+        {"name": "ev-retrieval", "kind": "evaluate", "task": "retrieval", "run": "ft-retrieval"},
+        {"name": "zs-retrieval", "kind": "evaluate", "task": "retrieval", "run": "pretrain"},
+    ]  # fmt: skip
     wf = tmp_path / "chain.yaml"
     wf.write_text(
         yaml.safe_dump({"name": "chain", "runs": str(tmp_path / "runs"), "stages": stages})
@@ -315,15 +391,72 @@ def test_chain_runs_skips_and_metrics_match_across_ranks(world, tmp_path):
     assert set(nlvr2) == {"accuracy", "consistency", "n"}
     rec = json.loads((runs / "t-rec/metrics.json").read_text())
     assert all(m["accuracy"] <= m["upper_bound"] <= 1.0 for m in rec.values())
+    # retrieval: six recalls and their mean per set; the written rankings score the same
+    # against the Karpathy json; zero-shot results in the pre-training run
+    ret = json.loads((runs / "t-retrieval/metrics.json").read_text())
+    assert set(ret) == {"val", "test", "val-8", "test-8"}
+    for m in ret.values():
+        recall = [m[f"{side}_r{k}"] for side in ("txt", "img") for k in (1, 5, 10)]
+        ordered = sorted(recall[:3]) + sorted(recall[3:])  # R@1 <= R@5 <= R@10
+        assert all(0.0 <= r <= 1.0 for r in recall) and recall == ordered
+        assert m["r_mean"] == pytest.approx(sum(recall) / 6)
+    assert ret["test"]["n"] == 16 and ret["test-8"]["n"] == 8
+    scored = get_task("retrieval").score_file(
+        runs / "t-retrieval/predictions_test.json",
+        {"captions": w / "coco/dataset_coco.json"},
+        "test",
+    )
+    assert scored == {k: pytest.approx(v) for k, v in ret["test"].items()}
+    zero = json.loads((runs / "t-pre/metrics.json").read_text())
+    assert set(zero) == {"zeroshot-val", "zeroshot-test"}
+    assert "retrieval zeroshot-test r mean" in res.stdout  # the chain's summary line
     state = json.loads((runs / "workflow-chain.json").read_text())
     assert all(s["status"] == "done" for s in state.values())
 
     again = subprocess.run(
         [sys.executable, "-m", "cmal.cli", "run", str(wf)], capture_output=True, text=True, cwd=ROOT
     )
-    assert again.returncode == 0 and again.stdout.count("skipped") == 9
+    assert again.returncode == 0 and again.stdout.count("skipped") == 12
+
+    # a Karpathy-layout data set (features as an LXMERT tsv) converted by `cmal data
+    # convert` and ranked by the fine-tuned run, then its rankings scored from the file
+    from scale_fixtures import CLASSES, write_coco
+
+    files = write_coco(tmp_path / "karpathy", 12, regions=8, dim=128, split="test")
+    root = tmp_path / "coco"
+    cli = [sys.executable, "-m", "cmal.cli"]
+    conv = subprocess.run(
+        [*cli, "data", "convert", "karpathy", "--captions", str(files["captions"]), "--splits",
+         "test", "--features", str(files["features"]), "--classes", str(CLASSES), "--out",
+         str(root / "retrieval/test")], capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    ev = subprocess.run(
+        [*cli, "evaluate", "--task", "retrieval", "--run", str(runs / "t-retrieval"),
+         "--data-root", str(root), "--split", "test"], capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert ev.returncode == 0 and "coco/test" in ev.stdout, ev.stderr[-2000:]
+    coco = json.loads((runs / "t-retrieval/metrics.json").read_text())
+    assert coco["test"] == ret["test"] and coco["coco/test"]["n"] == 12
+    scored = subprocess.run(
+        [*cli, "evaluate", "--task", "retrieval", "--predictions",
+         str(runs / "t-retrieval/predictions_coco_test.json"), "--captions",
+         str(files["captions"]), "--split", "test"], capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert json.loads(scored.stdout) == {k: pytest.approx(v) for k, v in coco["coco/test"].items()}
 
     # evaluation on 2 ranks (gloo) gives the same metrics as on 1
+    for task, run, split, labels in (
+        ("rec", "t-rec", "testA", ("gt/testA", "det/testA")),
+        ("retrieval", "t-retrieval", "test", ("test", "test-8")),
+    ):
+        two, one = _evaluate_on_two_ranks(runs / run, task, split), state[f"ev-{task}"]
+        assert {k: two[k] for k in labels} == {k: one["outputs"]["metrics"][k] for k in labels}
+
+
+def _evaluate_on_two_ranks(run, task: str, split: str) -> dict:
+    """The run's metrics.json after `cmal evaluate` on 2 gloo ranks."""
     import os
 
     from conftest import _free_port
@@ -337,11 +470,11 @@ def test_chain_runs_skips_and_metrics_match_across_ranks(world, tmp_path):
                 "cmal.cli",
                 "evaluate",
                 "--task",
-                "rec",
+                task,
                 "--run",
-                str(runs / "t-rec"),
+                str(run),
                 "--split",
-                "testA",
+                split,
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -362,11 +495,7 @@ def test_chain_runs_skips_and_metrics_match_across_ranks(world, tmp_path):
     ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
-    two = json.loads((runs / "t-rec" / "metrics.json").read_text())
-    one = json.loads(
-        state["ev-rec"]["outputs"] and json.dumps(state["ev-rec"]["outputs"]["metrics"])
-    )
-    assert two["gt/testA"] == one["gt/testA"] and two["det/testA"] == one["det/testA"]
+    return json.loads((run / "metrics.json").read_text())
 
 
 def test_evaluate_bad_runs_are_one_line_errors(world, tmp_path):

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmal.config import ConfigError
+from cmal.tasks import TASKS, beside_accuracy, headline
 
-NAME = re.compile(r"^(?P<study>[^-]+)-(?P<arm>.+)-s(?P<seed>\d+)-(?P<task>vqa|ve|nlvr2|rec)$")
+NAME = re.compile(rf"^(?P<study>[^-]+)-(?P<arm>.+)-s(?P<seed>\d+)-(?P<task>{'|'.join(TASKS)})$")
 METHOD = re.compile(r"^(?P<method>cmal|contrastive)(?:-(?P<pct>\d+))?$")
-TASK_ORDER = ("vqa", "ve", "nlvr2", "rec")
+TASK_ORDER = TASKS
 
 
 @dataclass
@@ -48,9 +49,9 @@ def collect(paths: list[Path]) -> list[Result]:
             data = json.loads(metrics.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{metrics}: not valid JSON ({e})") from None
-        acc = {split: 100 * v["accuracy"] for split, v in data.items() if "accuracy" in v}
-        more = {f"{split} {k.replace('_', ' ')}": 100 * x for split, v in data.items()
-                for k, x in v.items() if k not in ("accuracy", "n")}  # fmt: skip
+        acc = {split: 100 * headline(v)[1] for split, v in data.items()}
+        more = {f"{split} {k}": 100 * x for split, v in data.items()
+                for k, x in beside_accuracy(v).items()}  # fmt: skip
         out.append(Result(m["arm"], int(m["seed"]), m["task"], acc, more))
     if not out:
         raise ConfigError(

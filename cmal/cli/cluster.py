@@ -50,7 +50,7 @@ def submit_pretrain(
 @submit_app.command("finetune")
 @user_errors
 def submit_finetune(
-    task: str = typer.Option(..., help="vqa, ve, nlvr2 or rec"),
+    task: str = typer.Option(..., help="vqa, ve, nlvr2, rec or retrieval"),
     source: str | None = typer.Option(None, "--from", help="Pre-training run or weights."),
     config: str | None = ConfigOption,
     overrides: list[str] = Overrides,

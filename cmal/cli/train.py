@@ -40,7 +40,7 @@ def pretrain_cmd(
 @app.command("finetune")
 @user_errors
 def finetune_cmd(
-    task: str = typer.Option(..., help="vqa, ve, nlvr2 or rec"),
+    task: str = typer.Option(..., help="vqa, ve, nlvr2, rec or retrieval"),
     source: str | None = typer.Option(
         None, "--from", help="Pre-training run folder, checkpoint folder or .safetensors."
     ),
@@ -68,8 +68,15 @@ def finetune_cmd(
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
-    task: str = typer.Option(..., help="vqa, ve, nlvr2 or rec"),
-    run: str | None = typer.Option(None, help="Fine-tuned run folder (or s3:// run) to evaluate."),
+    task: str = typer.Option(..., help="vqa, ve, nlvr2, rec or retrieval"),
+    run: str | None = typer.Option(
+        None,
+        help="Fine-tuned run folder (or s3:// run) to evaluate; for retrieval also a "
+        "pre-training run (zero-shot).",
+    ),
+    data_root: str | None = typer.Option(
+        None, help="Read the eval sets from this shard root instead of the run's task.data_root."
+    ),
     split: list[str] = typer.Option([], help="Split(s); default: the task's evaluation splits."),
     predictions: Path | None = typer.Option(None, help="Score this prediction file instead."),
     questions: Path | None = typer.Option(None, help="vqa: official questions json"),
@@ -78,6 +85,9 @@ def evaluate_cmd(
     statements: Path | None = typer.Option(None, "--json", help="nlvr2: <split>.json"),
     refs: Path | None = typer.Option(None, help="rec: refs(unc).p"),
     instances: Path | None = typer.Option(None, help="rec: instances.json"),
+    captions: Path | None = typer.Option(
+        None, help="retrieval: Karpathy's dataset_<name>.json (--split val or test)"
+    ),
 ) -> None:
     """Evaluate a fine-tuned run, or score a prediction file against official annotations."""
     import json
@@ -94,6 +104,7 @@ def evaluate_cmd(
                 "json": statements,
                 "refs": refs,
                 "instances": instances,
+                "captions": captions,
             }.items()
             if v
         }
@@ -104,7 +115,7 @@ def evaluate_cmd(
         return
     if run is None:
         raise ConfigError("evaluate needs --run RUN (or --predictions FILE with annotation files)")
-    metrics = evaluate(run, task, split or None, quiet=True)
+    metrics = evaluate(run, task, split or None, quiet=True, data_root=data_root)
     typer.echo(metrics_table(task, metrics))
 
 

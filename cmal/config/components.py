@@ -370,12 +370,16 @@ class ClusterConfig:
     """Folder (shared by all nodes) for job scripts, logs and the record of each run's jobs."""
 
 
+TASK_NAMES = ("vqa", "ve", "nlvr2", "rec", "retrieval")
+"""The downstream tasks (``cmal/tasks/<name>.py``)."""
+
+
 @dataclass
 class TaskConfig:
     """Fine-tuning and evaluation on a downstream task."""
 
     name: str | None = None
-    """vqa, ve, nlvr2 or rec (``--task`` sets it)."""
+    """vqa, ve, nlvr2, rec or retrieval (``--task`` sets it)."""
     data_root: str = "data/world/shards"
     """Folder or s3:// prefix holding the task's shard sets (``vqa/train``, ``rec_gt/val``…)."""
     init_from: str | None = None
@@ -398,6 +402,14 @@ class TaskConfig:
     protocol, cheap enough to take thousands of steps on a CPU. False (default): the whole
     model trains end to end, the papers' protocol. Not for rec (its loss reads each
     region's box)."""
+    rerank_k: int = 128
+    """Retrieval: each image's and each text's top k by embedding similarity are re-ranked by
+    the ITM head (where the model has one; 0: embeddings alone). ALBEF takes 256 on COCO,
+    128 on Flickr30k; the cost is about (images + texts) x k unified passes."""
+    fold_images: int = 1000
+    """Retrieval: an eval set of at least twice this many images is also scored in folds
+    of this many images, averaged (label ``<split>-1k`` for 1,000: COCO's 1k test, the 5k
+    test's five folds); 0: never."""
     vqa_loss: Literal["bce", "softmax"] = "bce"
     """VQA: ``bce`` on the soft scores, summed over answers (UNITER/LXMERT), or ``softmax``:
     cross-entropy against the soft scores normalised to a distribution (MMF's option)."""
@@ -483,13 +495,17 @@ def _check_values(cfg: Config, source: str) -> None:
     need(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty name without '/'")
-    tasks = ("vqa", "ve", "nlvr2", "rec")
-    need(cfg.task.name in (None, *tasks), "task.name", f"must be one of {', '.join(tasks)}")
     need(
-        not (cfg.task.head_only and cfg.task.name == "rec"),
-        "task.head_only",
-        "not for rec (its loss reads every region's box); vqa, ve or nlvr2",
+        cfg.task.name in (None, *TASK_NAMES), "task.name", f"must be one of {', '.join(TASK_NAMES)}"
     )
+    need(
+        not (cfg.task.head_only and cfg.task.name in ("rec", "retrieval")),
+        "task.head_only",
+        "not for rec (its loss reads every region's box) or retrieval (it trains the "
+        "encoders, no head of its own); vqa, ve or nlvr2",
+    )
+    need(cfg.task.rerank_k >= 0, "task.rerank_k", "must be >= 0")
+    need(cfg.task.fold_images >= 0, "task.fold_images", "must be >= 0")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -528,10 +544,12 @@ HASH_EXEMPT = (
     ("engine", "check_every"),
     ("engine", "collective_timeout_s"),
     ("engine", "count_host_reads"),
+    ("task", "rerank_k"),
+    ("task", "fold_images"),
     *(("observe", f.name) for f in dataclasses.fields(ObserveConfig)),
 )
-"""Fields that say where things are or how often to report, not what is trained: a run
-may move or change them and still resume its checkpoints."""
+"""Fields that say where things are, how often to report or how a run is evaluated, not
+what is trained: a run may move or change them and still resume its checkpoints."""
 
 
 HASH_SINCE = {

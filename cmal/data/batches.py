@@ -44,6 +44,7 @@ class Collate:
             "consumed": [None if s is None else s["id"] for s in samples],
             "skipped": len(samples) - len(good),
             "ids": [s["id"] for s in good],
+            "index": [s.get("index", -1) for s in good],
         }
         if not good:
             return out
@@ -52,6 +53,8 @@ class Collate:
         out["tokens"] = int(out["batch"]["text_mask"].sum() + out["batch"]["region_mask"].sum())
         if "image2" in good[0]:
             out["batch2"] = self.batch(good, "2")
+        else:  # which texts share an image (retrieval's positives and its gallery)
+            out["image_keys"] = [s["image"] for s in good]
         for key in ("label", "question_id", "ref_id"):
             if key in good[0]:
                 out[key] = np.asarray([s[key] for s in good], np.int64)

@@ -196,7 +196,10 @@ def open_dataset(
                 raise
             except Exception as e:
                 raise _shard_error(remote, e) from None
-            return decode(raw, cfg, feature_dim, num_concepts)
+            sample = decode(raw, cfg, feature_dim, num_concepts)
+            if sample is not None:
+                sample["index"] = idx  # its row in the set: an order every rank agrees on
+            return sample
 
     try:
         dataset = Decoded(

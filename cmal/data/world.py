@@ -15,6 +15,9 @@ Layout under ``out``::
     synonyms.json                         the world's shape words (disc, block, ...), merged
                                           over the shipped synonym table
     coco/captions_{train,val}.json        pre-training pairs (COCO captions format)
+    coco/dataset_coco.json                Karpathy's splits (train / val / test, as the
+                                          world's), five captions per image: its two of
+                                          captions_*.json and three more (retrieval)
     vqa/v2_OpenEnded_mscoco_<s>_questions.json, vqa/v2_mscoco_<s>_annotations.json
     snli_ve/snli_ve_{train,dev,test}.jsonl
     nlvr2/{train,dev,test1}.json          one JSON object per line, as NLVR2 ships it
@@ -59,7 +62,7 @@ from cmal.data.scene import (
 )
 
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
-VERSION = 5
+VERSION = 6
 """Bumped whenever the same seed would give different files or shards (a workflow's
 world stage is redone when it changes). 2: colour attributes per region; 300 NLVR2 pairs per
 evaluation split at 2,000 images. 3: NLVR2 statements of three families per pair, as
@@ -67,12 +70,16 @@ many false as true per family (:func:`cmal.data.language.statements`). 4: the 25
 pre-training subset (``pretrain/train_25``) holds 25% of the images, not the 50% subset.
 5: the releases' layouts (COCO file names and feature keys, SNLI-VE ``Flikr30kID``, VQA's
 and RefCOCO+'s full records), ``synonyms.json``, and the shards' ``concepts.json`` /
-``anchor_stats.json``."""
+``anchor_stats.json``. 6: ``coco/dataset_coco.json`` and the retrieval shards (every other
+file as in version 5)."""
 NLVR2_EVAL = 0.3
 """NLVR2 pairs in dev and in test1, each, per image of the world (0.1 per image before
 version 2 gave 100 statements per split at 2,000 images: too few to tell models apart)."""
 VQA_PER_IMAGE = 3
 CAPTIONS_PER_IMAGE = 2
+KARPATHY_CAPTIONS = 5
+"""Captions per image in ``coco/dataset_coco.json``, as in Karpathy's COCO and Flickr30k
+files (retrieval is scored with five per image)."""
 
 
 @dataclass
@@ -167,6 +174,10 @@ def generate(out: str | Path, cfg: WorldConfig) -> dict:
     counts = _write_captions_vqa_ve(out, scenes[:n], text_rng)
     counts.update(_write_nlvr2(out, nlvr_keys, scenes[n:], text_rng))
     counts.update(_write_refcoco(out, scenes[:n], text_rng))
+    # A generator of its own: the files above stay as a version-5 world wrote them.
+    counts.update(
+        _write_karpathy(out, scenes[:n], np.random.default_rng([cfg.seed, 1_000_000_009]))
+    )
     counts.update({"images": n, "nlvr2_images": 2 * pairs, "images_per_s": round(rate, 1)})
     # The rate stays out of world.json, so a seed gives byte-identical files.
     stable = {k: v for k, v in counts.items() if k != "images_per_s"}
@@ -283,6 +294,33 @@ def _write_captions_vqa_ve(out: Path, scenes: list[list[Obj]], rng) -> dict:
         "vqa_questions": sum(len(q) for q in questions.values()),
         "ve_pairs": sum(len(v) for v in ve.values()),
     }
+
+
+def _write_karpathy(out: Path, scenes: list[list[Obj]], rng) -> dict:
+    """``coco/dataset_coco.json`` in the layout of Karpathy's file (karpathy/neuraltalk2):
+    every image with its world split and five sentences, the first two those of
+    ``captions_<split>.json`` (same ids), the others new."""
+    n = len(scenes)
+    own: dict[int, list[dict]] = {}
+    for s in ("train", "val"):
+        for a in json.loads((out / "coco" / f"captions_{s}.json").read_text())["annotations"]:
+            own.setdefault(a["image_id"], []).append({"raw": a["caption"], "sentid": a["id"]})
+    images = []
+    for i, objs in enumerate(scenes):
+        sents = own[i] + [
+            {"raw": language.caption(rng, objs), "sentid": i * 10 + k}
+            for k in range(len(own[i]), KARPATHY_CAPTIONS)
+        ]
+        for sent in sents:  # the lower-cased words, as Karpathy's files carry them
+            sent["tokens"] = sent["raw"].lower().rstrip(".").replace(",", "").split()
+        stem = coco_stem(i, n)
+        images.append({
+            "filepath": stem.split("_")[1], "sentids": [x["sentid"] for x in sents],
+            "filename": f"{stem}.jpg", "imgid": i, "split": _split_of(i, n),
+            "sentences": [{**x, "imgid": i} for x in sents], "cocoid": i,
+        })  # fmt: skip
+    _dump(out / "coco" / "dataset_coco.json", {"images": images, "dataset": "coco"})
+    return {"karpathy_captions": sum(len(im["sentences"]) for im in images)}
 
 
 def _write_nlvr2(out: Path, keys: list[str], scenes: list[list[Obj]], rng) -> dict:

@@ -65,6 +65,10 @@ def init_world(cfg: Config) -> World:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
+        # DeepSpeed compiles its shared-memory all-reduce op (C++, ~1 min of 2 cores,
+        # redone whenever another environment built it last) at the first start on a CPU
+        # machine; it serves only inference_all_reduce, which cmal never calls.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # Start-up (rendezvous, the first connections) may wait for late nodes; the
         # training loop sets engine.collective_timeout_s (``watch_peers``).
         start = datetime.timedelta(seconds=max(cfg.engine.collective_timeout_s, START_TIMEOUT_S))

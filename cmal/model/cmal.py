@@ -129,6 +129,20 @@ class CMAL(nn.Module):
         )
         return self.unified(t, v, batch.text_mask, batch.region_mask, batch.boxes.to(t.dtype))
 
+    def embeddings(self, t, v, region_mask):
+        """Retrieval's unit vectors: each text's [CLS] and each image's mean region, from the
+        spheres' states ``t``, ``v``; through the ITC projections where the model has them,
+        else the spheres' own directions (a model pre-trained without ITC, zero-shot)."""
+        pooled = masked_mean(v, region_mask)
+        if self.itc is not None:
+            return self.itc.embed(t[:, 0], pooled)
+        return F.normalize(t[:, 0], dim=-1), F.normalize(pooled, dim=-1)
+
+    def match_logits(self, t, v, text_mask, region_mask, boxes) -> torch.Tensor:
+        """ITM's (P, 2) not-matched / matched logits of P text-image pairs, from the
+        spheres' states (the model must have its ITM head)."""
+        return self.itm(self.unified(t, v, text_mask, region_mask, boxes.to(t.dtype))[:, 0])
+
     def pretrain_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """All enabled pre-training losses of one batch, and their weighted sum ``loss``."""
         _cfg, losses = self.cfg, self.cfg.losses
@@ -170,7 +184,7 @@ class CMAL(nn.Module):
             if self.mlm is not None:
                 clean = self.text_sphere(self.text(batch.input_ids, text_mask))
             if self.itc is not None:
-                pooled = _masked_mean(v, batch.region_mask)
+                pooled = masked_mean(v, batch.region_mask)
                 out["itc"] = self.itc(clean[:, 0], pooled) if n > 1 else t.sum() * 0.0
             if self.itm is not None:
                 pair_t, pair_mask = clean, text_mask
@@ -256,6 +270,7 @@ class CMAL(nn.Module):
         amc_sites: float | None = None,
         batch_size: int = 1,
         train: bool = True,
+        unified_passes: int | None = None,
     ) -> float:
         """Analytic matmul FLOPs of one sample of a pre-training step at padded shapes.
 
@@ -266,7 +281,9 @@ class CMAL(nn.Module):
         slots. The masked pass (AMC, MLM) and the unmasked one
         (ITM, ITC) are counted each where its losses are on. ``train`` counts forward +
         backward: 3x forward, minus the input-gradient half of the layers whose inputs need
-        none (detector features and boxes enter through them).
+        none (detector features and boxes enter through them). ``unified_passes``: count a
+        fine-tuning step instead, the encoders once and the unified encoder that many times
+        (retrieval: 3, a pair and its two hard negatives), no pre-training head.
         """
         cfg = self.cfg
         lt = cfg.max_text_len if text_len is None else text_len
@@ -282,6 +299,9 @@ class CMAL(nn.Module):
         fwd += matmul_flops(vi.layers, vi.hidden, vi.ff, r)
         fwd += 2 * (lt * tx.hidden + r * vi.hidden) * d  # hypersphere projections
         unified = matmul_flops(un.layers, d, un.ff, lt + r)
+        if unified_passes is not None:
+            fwd += unified * unified_passes
+            return 3 * fwd - input_layers if train else fwd
         masked_pass = self.amc is not None or self.mlm is not None
         pair_pass = self.itm is not None or self.itc is not None
         fwd += unified * (masked_pass + (self.itm is not None))
@@ -323,6 +343,7 @@ def amc_targets(anchors: Anchors, prompt: Prompt, labels: str):
         yield side, b, site[b, a], label[b, a]
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` (B, N, d) over the positions where ``mask`` (B, N) is True."""
     m = mask[..., None].to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp(min=1)

@@ -77,7 +77,8 @@ class MatchingHead(nn.Module):
 
 
 class ContrastiveHead(nn.Module):
-    """ITC (contrastive baseline only): text [CLS] vs mean region, learned temperature."""
+    """ITC (the contrastive baseline; retrieval): text [CLS] vs mean region, each projected
+    and L2-normalised, learned temperature."""
 
     def __init__(self, hidden: int, temperature: float):
         super().__init__()
@@ -85,14 +86,26 @@ class ContrastiveHead(nn.Module):
         self.image = nn.Linear(hidden, hidden)
         self.log_inv_temp = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
 
-    def forward(self, text_cls: torch.Tensor, image_pool: torch.Tensor) -> torch.Tensor:
-        """(B, d), (B, d) -> symmetric InfoNCE loss over the batch."""
-        t = F.normalize(self.text(text_cls), dim=-1)
-        v = F.normalize(self.image(image_pool), dim=-1)
+    def embed(self, text_cls: torch.Tensor, image_pool: torch.Tensor):
+        """(B, d), (B', d) -> the unit vectors whose dot products ITC scores."""
+        return F.normalize(self.text(text_cls), dim=-1), F.normalize(self.image(image_pool), dim=-1)
+
+    def forward(
+        self, text_cls: torch.Tensor, image_pool: torch.Tensor, same: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, d), (B, d) -> symmetric InfoNCE loss over the batch. ``same`` (B, B) bool:
+        which texts and images are pairs (retrieval batches hold several captions of one
+        image: each is a positive, as ALBEF counts them); None: the diagonal."""
+        t, v = self.embed(text_cls, image_pool)
         # Clamp as CLIP does, so the temperature cannot collapse.
         logits = t @ v.t() * self.log_inv_temp.clamp(max=math.log(100.0)).exp()
-        target = torch.arange(len(t), device=t.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        if same is None:
+            target = torch.arange(len(t), device=t.device)
+            return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        target = same.to(logits.dtype)
+        t2i = -(F.log_softmax(logits, 1) * target / target.sum(1, keepdim=True)).sum(1)
+        i2t = -(F.log_softmax(logits.t(), 1) * target.t() / target.t().sum(1, keepdim=True)).sum(1)
+        return (t2i.mean() + i2t.mean()) / 2
 
 
 # ----------------------------------------------------------------------------- downstream

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from cmal.config import ConfigError
+from cmal.config.components import TASK_NAMES
 from cmal.data.convert import load_json, read_jsonl
 from cmal.model.cmal import CMAL
 
-TASKS = ("vqa", "ve", "nlvr2", "rec")
+TASKS = TASK_NAMES
 
 
 def read_out(model: CMAL, batch, info: dict[str, Any]) -> torch.Tensor:
@@ -49,6 +52,9 @@ class Task:
     """Shard folder (under the data root) of the training split."""
     eval_splits: tuple[str, ...] = ()
     """Splits evaluated by default."""
+    zero_shot: bool = False
+    """Whether a pre-training run can be evaluated as it is (it ranks with the model's own
+    heads, no task head to train)."""
 
     def eval_sets(self, split: str) -> list[tuple[str, str]]:
         """(label, shard folder) pairs that ``split`` is evaluated on."""
@@ -73,6 +79,16 @@ class Task:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def train_loss(self, objective: Objective, item: dict[str, Any]) -> torch.Tensor:
+        """The loss a fine-tuning step takes: :meth:`loss` of the head's logits; a task
+        that trains no head of its own (retrieval) computes it from the model."""
+        return self.loss(objective.logits(item), item, objective.info)
+
+    def flops_per_row(self, model: CMAL) -> float:
+        """Training FLOPs of one batch row at the padded shapes: the encoders and one pass
+        of the unified encoder (the task head is small beside them)."""
+        return model.flops_per_sample(unified_passes=1)
+
     def predict(
         self, logits: torch.Tensor, item: dict[str, Any], info: dict[str, Any]
     ) -> list[dict]:
@@ -87,7 +103,21 @@ class Task:
         accuracy = sum(scores) / len(scores) if scores else float("nan")
         return {"accuracy": accuracy, "n": float(len(predictions))}
 
-    def write(self, predictions: list[dict], folder: Path, label: str) -> Path:
+    def evaluate_set(
+        self, objective: Objective, items: Iterable[dict[str, Any]], world, cfg, label: str
+    ) -> dict[str, tuple[Any, dict[str, float]]]:
+        """One eval set, from the loader's ``items`` (on the device) of every rank: label ->
+        (predictions for :meth:`write`, or None; metrics). Every rank returns the same."""
+        mine: list[dict] = []
+        for item in items:
+            if "batch" in item:
+                mine += objective.predict(item)
+        # Streaming pads ranks to equal length by repeating samples: count each id once.
+        unique = {p["id"]: p for part in gather(mine, world) for p in part}
+        preds = list(unique.values())
+        return {label: (preds, self.metrics(preds))}
+
+    def write(self, predictions: Any, folder: Path, label: str) -> Path:
         """Write predictions in the official submission format; returns the file."""
         raise NotImplementedError
 
@@ -98,10 +128,31 @@ class Task:
         raise NotImplementedError
 
 
+HEADLINES = ("accuracy", "r_mean")
+"""The metric that sums up an eval set: accuracy, or retrieval's mean recall."""
+
+
+def headline(metrics: dict[str, float]) -> tuple[str, float]:
+    """(name, value) of an eval set's summing-up metric (see :data:`HEADLINES`)."""
+    name = next((k for k in HEADLINES if k in metrics), None)
+    if name is None:
+        raise ConfigError(f"metrics without {' or '.join(HEADLINES)}: {sorted(metrics)}")
+    return name, metrics[name]
+
+
 def beside_accuracy(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics an eval set reports beside accuracy and n, by their printed names
+    """The metrics an eval set reports beside its headline and n, by their printed names
     (``upper_bound`` -> ``upper bound``)."""
-    return {k.replace("_", " "): v for k, v in metrics.items() if k not in ("accuracy", "n")}
+    return {k.replace("_", " "): v for k, v in metrics.items() if k not in (*HEADLINES, "n")}
+
+
+def gather(obj: Any, world) -> list[Any]:
+    """``obj`` of every rank, in rank order (a list of one on a single rank)."""
+    if world.size == 1:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class FeatureNorm(nn.Module):
@@ -143,15 +194,14 @@ class Objective(nn.Module):
         return self.head(*self.norm(feats).unbind(1))
 
     def forward(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"loss": self.task.loss(self.logits(item), item, self.info)}
+        return {"loss": self.task.train_loss(self, item)}
 
     def flops_per_row(self) -> float:
-        """Training FLOPs of one batch row (one image-text pair) at the padded shapes: the
-        encoders (no MLM/AMC sites); the task head is small beside them. Head-only: the
+        """Training FLOPs of one batch row (:meth:`Task.flops_per_row`). Head-only: the
         head's alone (2 per weight forward, 4 backward)."""
         if self.norm is not None:
             return 6.0 * sum(p.numel() for p in self.head.parameters())
-        return self.model.flops_per_sample(mlm_sites=0, amc_sites=0)
+        return self.task.flops_per_row(self.model)
 
     @torch.no_grad()
     def predict(self, item: dict[str, Any]) -> list[dict]:

@@ -51,6 +51,9 @@ class NLVR2(LabelTask):
     def features(self, model, item, info) -> tuple[torch.Tensor, ...]:
         return read_out(model, item["batch"], info), read_out(model, item["batch2"], info)
 
+    def flops_per_row(self, model) -> float:
+        return 2 * super().flops_per_row(model)  # each image encoded with the text
+
     def metrics(self, predictions: list[dict]) -> dict[str, float]:
         got = super().metrics(predictions)
         got["consistency"] = consistency((p["id"], p["score"] == 1.0) for p in predictions)

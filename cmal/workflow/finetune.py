@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from cmal.config import Config, ConfigError, load_config, save_config
 from cmal.model.cmal import CMAL
-from cmal.tasks import Objective, Task, beside_accuracy, get_task
+from cmal.tasks import TASKS, Objective, Task, beside_accuracy, get_task, headline
 from cmal.workflow.pretrain import announce, newest_weights, run_dir, sync_run, train_module
 
 
@@ -119,7 +119,7 @@ def finetune(cfg: Config, force: bool = False, quiet: bool = False, evaluate: bo
     from cmal.model.pretrained import build_model
 
     if cfg.task.name is None:
-        raise ConfigError("fine-tuning needs a task (--task vqa|ve|nlvr2|rec or task.name)")
+        raise ConfigError(f"fine-tuning needs a task (--task {'|'.join(TASKS)} or task.name)")
     task = get_task(cfg.task.name)
     cfg.data.remote = _join(cfg.task.data_root, task.train_set)
     world = init_world(cfg)
@@ -152,10 +152,11 @@ def _check_run_task(folder: Path, task: Task) -> None:
 
 
 def evaluate_module(
-    cfg: Config, task: Task, module: Objective, world, folder: Path, splits
+    cfg: Config, task: Task, module: Objective, world, folder: Path, splits, prefix: str = ""
 ) -> dict:
-    """Metrics of ``module`` on every eval set of ``splits``; predictions and metrics.json
-    written by rank 0. Predictions are gathered with a collective, never through files."""
+    """Metrics of ``module`` on every eval set of ``splits``, labelled ``prefix`` + the
+    set's label; predictions and metrics.json written by rank 0. Predictions are gathered
+    with a collective, never through files."""
     from cmal.data.batches import make_loader
     from cmal.data.stream import open_dataset, release
     from cmal.engine.loop import to_device
@@ -171,21 +172,14 @@ def evaluate_module(
                 feature_dim=cfg.model.visual.feature_dim,
             )
             loader = make_loader(data, dataset, cfg.model.max_text_len, cfg.model.max_regions)
-            mine: list[dict] = []
-            for item in loader:
-                if "batch" in item:
-                    mine += module.predict(to_device(item, world.device))
+            items = (to_device(item, world.device) for item in loader)
+            with torch.no_grad():
+                results = task.evaluate_set(module, items, world, cfg, prefix + label)
             release(dataset)
-            gathered: list[list[dict]] = [mine]
-            if world.size > 1:
-                gathered = [None] * world.size  # type: ignore[list-item]
-                dist.all_gather_object(gathered, mine)
-            # Streaming pads ranks to equal length by repeating samples: count each id once.
-            unique = {p["id"]: p for part in gathered for p in part}
-            preds = list(unique.values())
-            metrics[label] = task.metrics(preds)
-            if world.is_main:
-                task.write(preds, folder, label)
+            for name, (preds, got) in results.items():
+                metrics[name] = got
+                if world.is_main and preds is not None:
+                    task.write(preds, folder, name)
     if world.is_main:
         path = folder / "metrics.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
@@ -195,9 +189,16 @@ def evaluate_module(
 
 
 def evaluate(
-    run: str | Path, task_name: str, splits: list[str] | None = None, quiet: bool = False
+    run: str | Path,
+    task_name: str,
+    splits: list[str] | None = None,
+    quiet: bool = False,
+    data_root: str | None = None,
 ) -> dict:
-    """Evaluate a fine-tuned run folder on its task's splits."""
+    """Evaluate a fine-tuned run folder on its task's splits, or (a task that ranks with
+    pre-training's heads: retrieval) a pre-training run zero-shot. ``data_root``: read the
+    eval sets from there instead of the run's ``task.data_root``; their labels then start
+    with its folder's name (``coco/test``), so the run's own results stay."""
     from cmal.engine.deepspeed import init_world
     from cmal.engine.store import local_run
 
@@ -206,31 +207,45 @@ def evaluate(
     if not (folder / "config.yaml").is_file():
         raise ConfigError(f"{folder}: not a run folder (no config.yaml)")
     cfg = load_config(folder / "config.yaml")
-    if not (folder / "task.json").is_file():
-        raise ConfigError(f"{folder}: not a fine-tuning run (no task.json); fine-tune it first")
-    _check_run_task(folder, task)
-    info = json.loads((folder / "task.json").read_text())
+    prefix = ""
+    if data_root:
+        cfg.task.data_root = data_root
+        prefix = Path(data_root.rstrip("/")).name + "/"
     world = init_world(cfg)
     model = CMAL(cfg.model)
-    module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
-    module.load_state_dict(newest_weights(folder))
-    metrics = evaluate_module(cfg, task, module, world, folder, splits or list(task.eval_splits))
+    if (folder / "task.json").is_file():
+        _check_run_task(folder, task)
+        info = json.loads((folder / "task.json").read_text())
+        module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
+        module.load_state_dict(newest_weights(folder))
+    elif task.zero_shot:
+        info = {"task": task.name, "zero_shot": True}
+        load_into(model, pretrained_weights(folder), str(folder))
+        module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
+    else:
+        raise ConfigError(f"{folder}: not a fine-tuning run (no task.json); fine-tune it first")
+    splits = splits or list(task.eval_splits)
+    metrics = evaluate_module(cfg, task, module, world, folder, splits, prefix)
     if world.is_main and not quiet:
         print(metrics_table(task.name, metrics), file=sys.stdout)
     return metrics
 
 
 def metrics_table(task: str, metrics: dict[str, dict[str, float]]) -> str:
-    """A plain table: one row per evaluated split; a column for each metric the task
-    reports beside accuracy (NLVR2's consistency, REC's upper bound)."""
+    """A plain table: one row per evaluated split, its headline metric first (accuracy;
+    retrieval's mean recall), then a column for each metric the task reports beside it
+    (NLVR2's consistency, REC's upper bound, retrieval's recalls)."""
     more = {label: beside_accuracy(m) for label, m in metrics.items()}
     extra = list(dict.fromkeys(k for m in more.values() for k in m))
+    names = list(dict.fromkeys(headline(m)[0].replace("_", " ") for m in metrics.values()))
+    width = max(14, 2 + max(map(len, metrics), default=0))
     head = "".join(f"{k:>13}" for k in extra)
-    lines = [f"{task:<8}{'split':<14}{'accuracy':>10}{head}{'n':>8}"]
+    lines = [f"{task:<10}{'split':<{width}}{'/'.join(names) or 'accuracy':>10}{head}{'n':>8}"]
     for label, m in metrics.items():
         cells = "".join(f"{100 * more[label][k]:>12.2f}%" if k in more[label] else f"{'':>13}"
                         for k in extra)  # fmt: skip
-        lines.append(f"{'':<8}{label:<14}{100 * m['accuracy']:>9.2f}%{cells}{int(m['n']):>8}")
+        value = 100 * headline(m)[1]
+        lines.append(f"{'':<10}{label:<{width}}{value:>9.2f}%{cells}{int(m['n']):>8}")
     return "\n".join(lines)
 
 

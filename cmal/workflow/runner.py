@@ -326,15 +326,16 @@ class Runner:
 
     def summary(self) -> str:
         """Every evaluate stage's metrics, one line per evaluated split."""
-        from cmal.tasks import beside_accuracy
+        from cmal.tasks import beside_accuracy, headline
 
         lines = [f"\n# {self.wf.name}: results"]
         for st in self.wf.stages:
             if st["kind"] == "evaluate":
                 for label, m in self.outputs.get(st["name"], {}).get("metrics", {}).items():
-                    acc, n = 100 * m["accuracy"], int(m["n"])
+                    (name, value), n = headline(m), int(m["n"])
                     more = "".join(f"  {k} {100 * v:6.2f}%" for k, v in beside_accuracy(m).items())
-                    lines.append(f"{st['task']:<6} {label:<10} accuracy {acc:6.2f}%{more}  (n={n})")
+                    lines.append(f"{st['task']:<6} {label:<10} {name.replace('_', ' ')} "
+                                 f"{100 * value:6.2f}%{more}  (n={n})")  # fmt: skip
         return "\n".join(lines)
 
     def execute(self, st: dict[str, Any], inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:

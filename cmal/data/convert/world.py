@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from cmal.data.convert import Record, coco, nlvr2, read_classes, refcoco, snli_ve, vqa
+from cmal.data.convert import Record, coco, karpathy, nlvr2, read_classes, refcoco, snli_ve, vqa
 from cmal.data.convert.parts import write_shards
 from cmal.data.convert.write import Converted, SampleBuilder
 from cmal.data.features import FeatureSource
@@ -36,8 +36,10 @@ def convert_world(
     attribute_tags: bool = True,
 ) -> dict[str, Converted]:
     """Shards under ``out/<set>/<split>`` for pretrain, vqa, ve, nlvr2, rec_gt, rec_det,
-    and ``pretrain/train_25`` / ``train_50``: the captions of the first 25% / 50% of the
-    training images (nested subsets, for the less-data study of ``workflows/claim.yaml``).
+    retrieval (Karpathy's train / val / test of ``coco/dataset_coco.json``, five captions
+    per image; text samples as pre-training's), and ``pretrain/train_25`` / ``train_50``:
+    the captions of the first 25% / 50% of the training images (nested subsets, for the
+    less-data study of ``workflows/claim.yaml``).
 
     ``attribute_tags``: tag each region "<colour> <shape>" (48 anchor concepts), so an
     anchor binds a colour to a shape; False keeps the bare shape tags (6 concepts)."""
@@ -72,6 +74,12 @@ def convert_world(
         jobs[f"ve/{s}"] = ("ve", det, snli_ve.records(w / f"snli_ve/snli_ve_{s}.jsonl"))
     for s in ("train", "dev", "test1"):
         jobs[f"nlvr2/{s}"] = ("nlvr2", det, nlvr2.records(w / f"nlvr2/{s}.json"))
+    for s in ("train", "val", "test"):
+        jobs[f"retrieval/{s}"] = (
+            "pretrain",
+            det,
+            karpathy.records(w / "coco/dataset_coco.json", (s,)),
+        )
     for s in refcoco.UNC_SPLITS:
         refs, inst = w / "refcoco+/refs(unc).p", w / "refcoco+/instances.json"
         jobs[f"rec_gt/{s}"] = ("rec", gt, refcoco.records(refs, inst, s))
