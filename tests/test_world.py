@@ -38,6 +38,19 @@ def test_world_files_are_in_the_public_formats(world):
     caps = json.loads((world / "coco/captions_train.json").read_text())
     assert {"images", "annotations"} <= caps.keys()
     assert {"id", "image_id", "caption"} <= caps["annotations"][0].keys()
+    # Karpathy's file as neuraltalk2's prepro.py reads it: five sentences an image, the
+    # first two those of the COCO captions files; the world's splits
+    karpathy = json.loads((world / "coco/dataset_coco.json").read_text())["images"]
+    assert {"split", "filepath", "filename", "cocoid", "imgid", "sentids", "sentences"} <= (
+        karpathy[0].keys()
+    )
+    assert all(len(im["sentences"]) == 5 and im["sentids"] == [x["sentid"] for x in
+               im["sentences"]] for im in karpathy)  # fmt: skip
+    assert {"raw", "tokens", "sentid", "imgid"} <= karpathy[0]["sentences"][0].keys()
+    first = {(a["image_id"], a["caption"]) for a in caps["annotations"]}
+    assert first == {(im["cocoid"], x["raw"]) for im in karpathy if im["split"] == "train"
+                     for x in im["sentences"][:2]}  # fmt: skip
+    assert Counter(im["split"] for im in karpathy) == {"train": 128, "val": 16, "test": 16}
     ann = json.loads((world / "vqa/v2_mscoco_train_annotations.json").read_text())["annotations"]
     assert all(len(a["answers"]) == 10 for a in ann)
     disagree = sum(len({x["answer"] for x in a["answers"]}) > 1 for a in ann)
