@@ -37,9 +37,6 @@ from cmal.tasks import Task, gather
 
 KS = (1, 5, 10)
 """Recall cut-offs; predictions keep the first ``max(KS)`` of each ranking."""
-RERANKED = 1e4
-"""Added to a re-ranked pair's ITM log-odds: every re-ranked candidate ranks above every
-other, which keeps its embedding order (cosines lie in [-1, 1])."""
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -122,10 +119,14 @@ class Gallery:
             i2t_at = [(a, b) for a, row in enumerate(top_t) for b in row]
             t2i_at = [(a, b) for b, row in enumerate(top_i) for a in row]
             self.match(model, [(img[a], txt[b]) for a, b in i2t_at + t2i_at], world, chunk)
+            # Every re-ranked candidate above every other, which keep their embedding order
+            # (cosines lie in [-1, 1]): the others are moved below the lowest ITM score.
+            floor = min(self.itm[(img[a], txt[b])] for a, b in i2t_at + t2i_at) - 2.0
+            i2t, t2i = i2t + floor - 1.0, t2i + floor - 1.0
             for a, b in i2t_at:
-                i2t[a, b] = RERANKED + self.itm[(img[a], txt[b])]
+                i2t[a, b] = self.itm[(img[a], txt[b])]
             for a, b in t2i_at:
-                t2i[b, a] = RERANKED + self.itm[(img[a], txt[b])]
+                t2i[b, a] = self.itm[(img[a], txt[b])]
         top = max(KS)
         best_t = i2t.topk(min(top, len(texts)), dim=1).indices
         best_i = t2i.topk(min(top, len(images)), dim=1).indices
