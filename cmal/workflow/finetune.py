@@ -211,19 +211,21 @@ def evaluate(
     if data_root:
         cfg.task.data_root = data_root
         prefix = Path(data_root.rstrip("/")).name + "/"
+    fine_tuned = (folder / "task.json").is_file()
+    if fine_tuned:
+        _check_run_task(folder, task)
+    elif not task.zero_shot:
+        raise ConfigError(f"{folder}: not a fine-tuning run (no task.json); fine-tune it first")
     world = init_world(cfg)
     model = CMAL(cfg.model)
-    if (folder / "task.json").is_file():
-        _check_run_task(folder, task)
+    if fine_tuned:
         info = json.loads((folder / "task.json").read_text())
         module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
         module.load_state_dict(newest_weights(folder))
-    elif task.zero_shot:
+    else:
         info = {"task": task.name, "zero_shot": True}
         load_into(model, pretrained_weights(folder), str(folder))
         module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
-    else:
-        raise ConfigError(f"{folder}: not a fine-tuning run (no task.json); fine-tune it first")
     splits = splits or list(task.eval_splits)
     metrics = evaluate_module(cfg, task, module, world, folder, splits, prefix)
     if world.is_main and not quiet:
