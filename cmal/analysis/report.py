@@ -31,7 +31,7 @@ class Result:
     seed: int
     task: str
     metrics: dict[str, float]
-    """split -> accuracy in %."""
+    """split -> its headline metric in % (accuracy; retrieval's mean recall)."""
     more: dict[str, float] = field(default_factory=dict)
     """"<split> <metric>" -> each other metric the task reports, in % (NLVR2's
     consistency, REC's upper bound): in the tables, not in the verdicts or the plot."""
@@ -198,7 +198,7 @@ def plot(results: list[Result], out: Path) -> Path | None:
             ax.errorbar(xs, means, yerr=errs, fmt=style, capsize=3, label=method)
         ax.set_title(task)
         ax.set_xlabel("pre-training pairs (%)")
-        ax.set_ylabel("accuracy (%), mean of splits")
+        ax.set_ylabel("accuracy or mean recall (%), mean of splits")
         ax.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
