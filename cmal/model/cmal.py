@@ -133,7 +133,7 @@ class CMAL(nn.Module):
         """Retrieval's unit vectors: each text's [CLS] and each image's mean region, from the
         spheres' states ``t``, ``v``; through the ITC projections where the model has them,
         else the spheres' own directions (a model pre-trained without ITC, zero-shot)."""
-        pooled = masked_mean(v, region_mask)
+        pooled = _masked_mean(v, region_mask)
         if self.itc is not None:
             return self.itc.embed(t[:, 0], pooled)
         return F.normalize(t[:, 0], dim=-1), F.normalize(pooled, dim=-1)
@@ -184,7 +184,7 @@ class CMAL(nn.Module):
             if self.mlm is not None:
                 clean = self.text_sphere(self.text(batch.input_ids, text_mask))
             if self.itc is not None:
-                pooled = masked_mean(v, batch.region_mask)
+                pooled = _masked_mean(v, batch.region_mask)
                 out["itc"] = self.itc(clean[:, 0], pooled) if n > 1 else t.sum() * 0.0
             if self.itm is not None:
                 pair_t, pair_mask = clean, text_mask
@@ -343,7 +343,7 @@ def amc_targets(anchors: Anchors, prompt: Prompt, labels: str):
         yield side, b, site[b, a], label[b, a]
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` (B, N, d) over the positions where ``mask`` (B, N) is True."""
     m = mask[..., None].to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp(min=1)

@@ -90,22 +90,30 @@ class ContrastiveHead(nn.Module):
         """(B, d), (B', d) -> the unit vectors whose dot products ITC scores."""
         return F.normalize(self.text(text_cls), dim=-1), F.normalize(self.image(image_pool), dim=-1)
 
-    def forward(
-        self, text_cls: torch.Tensor, image_pool: torch.Tensor, same: torch.Tensor | None = None
+    def forward(self, text_cls: torch.Tensor, image_pool: torch.Tensor) -> torch.Tensor:
+        """(B, d), (B, d) -> symmetric InfoNCE loss over the batch (pairs on the diagonal)."""
+        return self.loss(*self.embed(text_cls, image_pool))
+
+    def loss(
+        self, t: torch.Tensor, v: torch.Tensor, same: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(B, d), (B, d) -> symmetric InfoNCE loss over the batch. ``same`` (B, B) bool:
-        which texts and images are pairs (retrieval batches hold several captions of one
-        image: each is a positive, as ALBEF counts them); None: the diagonal."""
-        t, v = self.embed(text_cls, image_pool)
+        """Symmetric InfoNCE of :meth:`embed`'s unit vectors. ``same`` (B, B) bool: which
+        texts and images are pairs (retrieval batches hold several captions of one image:
+        each is a positive, as ALBEF counts them); None: the diagonal."""
         # Clamp as CLIP does, so the temperature cannot collapse.
         logits = t @ v.t() * self.log_inv_temp.clamp(max=math.log(100.0)).exp()
         if same is None:
             target = torch.arange(len(t), device=t.device)
             return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
         target = same.to(logits.dtype)
-        t2i = -(F.log_softmax(logits, 1) * target / target.sum(1, keepdim=True)).sum(1)
-        i2t = -(F.log_softmax(logits.t(), 1) * target.t() / target.t().sum(1, keepdim=True)).sum(1)
-        return (t2i.mean() + i2t.mean()) / 2
+        return (
+            _soft_cross_entropy(logits, target) + _soft_cross_entropy(logits.t(), target.t())
+        ) / 2
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of cross-entropy against ``target`` (rows of 0/1) made distributions."""
+    return -(F.log_softmax(logits, 1) * target / target.sum(1, keepdim=True)).sum(1).mean()
 
 
 # ----------------------------------------------------------------------------- downstream

@@ -32,7 +32,6 @@ from torch import nn
 from cmal.config import ConfigError
 from cmal.data.convert import karpathy, load_json
 from cmal.data.errors import DataError
-from cmal.model.cmal import masked_mean
 from cmal.tasks import Task, gather
 
 KS = (1, 5, 10)
@@ -199,10 +198,10 @@ class Retrieval(Task):
         keys = item["image_keys"]
         same = torch.tensor([[a == c for c in keys] for a in keys], device=t.device)
         losses = model.cfg.losses
-        loss = losses.itc_weight * model.itc(t[:, 0], masked_mean(v, b.region_mask), same)
+        tv, iv = model.embeddings(t, v, b.region_mask)
+        loss = losses.itc_weight * model.itc.loss(tv, iv, same)
         # Hard negatives as ALBEF draws them: by ITC similarity, never a positive.
         with torch.no_grad():
-            tv, iv = model.embeddings(t, v, b.region_mask)
             sims = (tv @ iv.t()).float() * model.itc.log_inv_temp.exp().float()
             w_img = (F.softmax(sims, 1) + 1e-4).masked_fill(same, 0.0)  # per text
             w_txt = (F.softmax(sims.t(), 1) + 1e-4).masked_fill(same, 0.0)  # per image

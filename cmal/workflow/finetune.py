@@ -220,12 +220,13 @@ def evaluate(
     model = CMAL(cfg.model)
     if fine_tuned:
         info = json.loads((folder / "task.json").read_text())
-        module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
-        module.load_state_dict(newest_weights(folder))
     else:
         info = {"task": task.name, "zero_shot": True}
+    module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
+    if fine_tuned:
+        module.load_state_dict(newest_weights(folder))
+    else:
         load_into(model, pretrained_weights(folder), str(folder))
-        module = Objective(task, model, task.head(cfg.model.unified.hidden, info), info)
     splits = splits or list(task.eval_splits)
     metrics = evaluate_module(cfg, task, module, world, folder, splits, prefix)
     if world.is_main and not quiet:
