@@ -38,7 +38,8 @@ def test_world_files_are_in_the_public_formats(world):
     caps = json.loads((world / "coco/captions_train.json").read_text())
     assert {"images", "annotations"} <= caps.keys()
     assert {"id", "image_id", "caption"} <= caps["annotations"][0].keys()
-    # Karpathy's file as neuraltalk2's prepro.py reads it: five sentences an image, the
+    # Karpathy's file as ImageCaptioning.pytorch's scripts/prepro_labels.py reads it
+    # (images[].split/filepath/filename/cocoid/sentences[].tokens): five sentences an image, the
     # first two those of the COCO captions files; the world's splits
     karpathy = json.loads((world / "coco/dataset_coco.json").read_text())["images"]
     assert {"split", "filepath", "filename", "cocoid", "imgid", "sentids", "sentences"} <= (

@@ -297,7 +297,8 @@ def _write_captions_vqa_ve(out: Path, scenes: list[list[Obj]], rng) -> dict:
 
 
 def _write_karpathy(out: Path, scenes: list[list[Obj]], rng) -> dict:
-    """``coco/dataset_coco.json`` in the layout of Karpathy's file (karpathy/neuraltalk2):
+    """``coco/dataset_coco.json`` in the layout of Karpathy's file (the fields
+    ruotianluo/ImageCaptioning.pytorch's ``scripts/prepro_labels.py`` reads from it):
     every image with its world split and five sentences, the first two those of
     ``captions_<split>.json`` (same ids), the others new."""
     n = len(scenes)

@@ -1,7 +1,8 @@
 """Karpathy-split captions (``dataset_coco.json``, ``dataset_flickr30k.json``) ->
 pre-training records: the files ALBEF, UNITER and BLIP train on.
 
-Read as Karpathy's own ``prepro.py`` (karpathy/neuraltalk2) reads them: ``images`` is a
+Read as ruotianluo/ImageCaptioning.pytorch's ``scripts/prepro_labels.py`` reads them
+(neuraltalk2's own ``prepro.py`` takes another, simpler json): ``images`` is a
 list of ``{"split", "filename", "sentences": [{"raw", "tokens", "sentid"}], "imgid"}``,
 COCO images adding ``"filepath"`` and ``"cocoid"``. The image key is ``cocoid`` for COCO,
 the file name (``"1000092795.jpg"``) for Flickr30k.
