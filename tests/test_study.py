@@ -50,8 +50,8 @@ def test_claim_study_expands_into_arms_seeds_and_tasks():
 
 
 @pytest.mark.parametrize(
-    ("study", "budget"), [("claim.yaml", 24.7e12), ("claim10k.yaml", 24.7e12),
-                          ("claim3.yaml", 82.4e12)],  # fmt: skip
+    ("study", "budget"),
+    [("claim.yaml", 24.7e12), ("claim10k.yaml", 24.7e12), ("claim3.yaml", 82.4e12)],  # fmt: skip
 )
 def test_every_arm_pretrains_on_the_same_flops(study, budget):
     """The studies compare methods at equal pre-training compute: steps x batch x the
@@ -112,12 +112,22 @@ def test_bad_study_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="--quick needs a 'quick' mapping"):
         load_workflow(path, quick=True)
     worlds = {"w": {"out": "data/w"}}
-    path.write_text(yaml.safe_dump({"study": {"worlds": worlds, "arms": {"a": {"config": "x",
-                                                                           "world": "v"}}}}))
+    path.write_text(
+        yaml.safe_dump({"study": {"worlds": worlds, "arms": {"a": {"config": "x", "world": "v"}}}})
+    )
     with pytest.raises(ConfigError, match=r"s\.yaml: study: a: world: 'v' is not in worlds"):
         load_workflow(path)
-    path.write_text(yaml.safe_dump({"study": {"worlds": worlds, "world": {"out": "data/x"},
-                                              "arms": {"a": {"config": "x"}}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "study": {
+                    "worlds": worlds,
+                    "world": {"out": "data/x"},
+                    "arms": {"a": {"config": "x"}},
+                }
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="either world or worlds"):
         load_workflow(path)
     path.write_text(yaml.safe_dump({"stages": []}))
