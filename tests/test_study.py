@@ -186,6 +186,30 @@ def test_report_sets_cmal_against_contrastive_with_a_verdict(tmp_path):
     assert verdict([31.0, 32.0], [40.0, 44.0]) == "lose"
 
 
+def test_report_pairs_within_a_world_and_reads_zero_shot_runs(tmp_path):
+    """Round 3's names: a world prefix keeps each world's arms apart, a CMAL variant is set
+    against its world's contrastive arm, and a pre-training run's zero-shot retrieval
+    joins the fine-tuned runs' retrieval table (its own columns)."""
+    for arm in ("cmal", "contrastive", "noisy-cmal", "noisy-contrastive", "noisy-cmal-itc",
+                "text-fill"):  # fmt: skip
+        _metrics(tmp_path / f"claim3-{arm}-s0-vqa", val=0.5)
+    text = comparisons(collect(sorted(tmp_path.iterdir())))
+    heads = [line for line in text.splitlines() if line.startswith("### ")]
+    assert sorted(heads) == ["### cmal vs contrastive", "### noisy-cmal vs noisy-contrastive",
+                             "### noisy-cmal-itc vs noisy-contrastive"]  # fmt: skip
+    run = tmp_path / "claim3-noisy-cmal-itc-s0"
+    run.mkdir()
+    recall = {"r_mean": 0.2, "i2t_r1": 0.1, "n": 5.0}
+    (run / "metrics.json").write_text(json.dumps({"zeroshot-test": recall}))
+    (tmp_path / "claim3-noisy-cmal-s0").mkdir()  # a pre-training run not evaluated: no row
+    _metrics(tmp_path / "claim3-noisy-cmal-itc-s0-retrieval", test=0.0)
+    folder = tmp_path / "claim3-noisy-cmal-itc-s0-retrieval"
+    (folder / "metrics.json").write_text(json.dumps({"test": {**recall, "r_mean": 0.4}}))
+    table = tables([r for r in collect(sorted(tmp_path.iterdir())) if r.task == "retrieval"])
+    assert "| arm | seeds | zeroshot-test | zeroshot-test i2t r1 | test | test i2t r1 |" in table
+    assert "| noisy-cmal-itc | 1 | 20.0 | 10.0 | 40.0 | 10.0 |" in table
+
+
 @pytest.mark.slow
 def test_quick_study_runs_reports_and_draws(tmp_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")

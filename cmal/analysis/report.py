@@ -3,9 +3,14 @@ CMAL set against the contrastive baseline with a verdict, and a plot of each tas
 against the pre-training data fraction.
 
 A run is grouped by its name, ``<study>-<arm>-s<seed>-<task>`` (what ``cmal/workflow/study.py``
-names them); its numbers are its ``metrics.json``. For the plot, arms named ``cmal``,
-``cmal-<pct>``, ``contrastive`` and ``contrastive-<pct>`` are the two methods at 100% and
-<pct>% of the pre-training pairs.
+names them); its numbers are its ``metrics.json``. A pre-training run ``<study>-<arm>-s<seed>``
+evaluated zero-shot adds its ``zeroshot-<split>`` numbers to the zero-shot task's table.
+
+Arm names say what is compared: ``[<world>-]<method>[-<variant>][-<pct>]``, method ``cmal``
+or ``contrastive``, ``<pct>`` the percentage of the pre-training pairs (100 when absent),
+``<world>`` a world prefix of a study on several worlds (``noisy-cmal-itc``). Every CMAL
+arm is set against the contrastive arm of its world at its fraction and at 100%; the plot
+draws the arms without a variant.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from cmal.config import ConfigError
 from cmal.tasks import TASKS, beside_accuracy, headline
 
 NAME = re.compile(rf"^(?P<study>[^-]+)-(?P<arm>.+)-s(?P<seed>\d+)-(?P<task>{'|'.join(TASKS)})$")
-METHOD = re.compile(r"^(?P<method>cmal|contrastive)(?:-(?P<pct>\d+))?$")
+PRETRAIN_NAME = re.compile(r"^(?P<study>[^-]+)-(?P<arm>.+)-s(?P<seed>\d+)$")
+METHOD = re.compile(
+    r"^(?P<world>(?:[a-z0-9]+-)*?)(?P<method>cmal|contrastive)"
+    r"(?:-(?P<variant>[a-z][a-z0-9-]*?))?(?:-(?P<pct>\d+))?$"
+)
+ZERO_SHOT = "zeroshot-"
+"""How a zero-shot evaluation labels its splits in the pre-training run's metrics.json."""
 TASK_ORDER = TASKS
 
 
@@ -42,6 +53,11 @@ def collect(paths: list[Path]) -> list[Result]:
     out = []
     for path in paths:
         m = NAME.match(path.name)
+        task = m and m["task"]
+        if not m:
+            # Retrieval is the one task a pre-training run is evaluated on as it is
+            # (Task.zero_shot); its labels there do not name the task.
+            m, task = PRETRAIN_NAME.match(path.name), "retrieval"
         metrics = path / "metrics.json"
         if not m or not metrics.is_file():
             continue
@@ -49,10 +65,14 @@ def collect(paths: list[Path]) -> list[Result]:
             data = json.loads(metrics.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{metrics}: not valid JSON ({e})") from None
+        if task == "retrieval" and not NAME.match(path.name):
+            data = {k: v for k, v in data.items() if k.startswith(ZERO_SHOT)}
+            if not data:
+                continue
         acc = {split: 100 * headline(v)[1] for split, v in data.items()}
         more = {f"{split} {k}": 100 * x for split, v in data.items()
                 for k, x in beside_accuracy(v).items()}  # fmt: skip
-        out.append(Result(m["arm"], int(m["seed"]), m["task"], acc, more))
+        out.append(Result(m["arm"], int(m["seed"]), task, acc, more))
     if not out:
         raise ConfigError(
             "no evaluated runs named <study>-<arm>-s<seed>-<task> with a metrics.json among "
@@ -106,21 +126,25 @@ of the two means; at 3 seeds a rule of thumb, not a significance test."""
 
 
 def _pairs(arms: list[str]) -> list[tuple[str, str]]:
-    """(CMAL arm, contrastive arm) pairs present: equal data (``cmal-<p>`` against
-    ``contrastive-<p>``), and for the less-data half of the claim ``cmal-<p>`` against the
-    contrastive model at 100%."""
-    frac = {}
+    """(CMAL arm, contrastive arm) pairs present, within each world: equal data
+    (``cmal[-<variant>]-<p>`` against ``contrastive-<p>``), and for the less-data half of
+    the claim ``cmal-<p>`` against the contrastive model at 100%."""
+    contrastive = {}
+    mine = []
     for arm in arms:
         m = METHOD.match(arm)
-        if m:
-            frac[(m["method"], int(m["pct"] or 100))] = arm
-    out = []
-    for (method, pct), arm in sorted(frac.items(), key=lambda kv: -kv[0][1]):
-        if method != "cmal":
+        if not m:
             continue
+        pct = int(m["pct"] or 100)
+        if m["method"] == "contrastive" and not m["variant"]:
+            contrastive[(m["world"], pct)] = arm
+        elif m["method"] == "cmal":
+            mine.append((m["world"], pct, arm))
+    out = []
+    for world, pct, arm in sorted(mine, key=lambda x: -x[1]):
         for other in dict.fromkeys((pct, 100)):
-            if ("contrastive", other) in frac:
-                out.append((arm, frac[("contrastive", other)]))
+            if (world, other) in contrastive:
+                out.append((arm, contrastive[(world, other)]))
     return out
 
 
@@ -180,18 +204,18 @@ def plot(results: list[Result], out: Path) -> Path | None:
     points = defaultdict(lambda: defaultdict(list))  # (task, method) -> pct -> values
     for r in results:
         m = METHOD.match(r.arm)
-        if m and r.metrics:
+        if m and not m["variant"] and r.metrics:
             pct = int(m["pct"] or 100)
-            points[(r.task, m["method"])][pct].append(statistics.mean(r.metrics.values()))
+            method = m["world"] + m["method"]
+            points[(r.task, method)][pct].append(statistics.mean(r.metrics.values()))
     if not points:
         return None
     tasks = [t for t in TASK_ORDER if any(k[0] == t for k in points)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for method, style in (("cmal", "o-"), ("contrastive", "s--")):
-            series = points.get((task, method))
-            if not series:
-                continue
+        for method in sorted({k[1] for k in points if k[0] == task}):
+            series = points[(task, method)]
+            style = "o-" if method.endswith("cmal") else "s--"
             xs = sorted(series)
             means = [statistics.mean(series[x]) for x in xs]
             errs = [statistics.stdev(series[x]) if len(series[x]) > 1 else 0 for x in xs]
