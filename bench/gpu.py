@@ -197,7 +197,10 @@ def main() -> int:
         from step import matmul_peak
 
         name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-        say(f"# {name}; torch {torch.__version__}; python {sys.version.split()[0]}", log)
+        import deepspeed
+
+        say(f"# {name}; torch {torch.__version__}; deepspeed {deepspeed.__version__}; "
+            f"python {sys.version.split()[0]}", log)  # fmt: skip
         # 3 significant digits, not 2 decimals: a busy CPU measures < 0.005 TFLOP/s, which
         # rounded to 0.0 and turned MFU off (observe reads a 0 peak as none given).
         dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32

@@ -22,5 +22,4 @@ if ! python3 -c "import deepspeed, submitit, streaming" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
 python3 bench/gpu.py "$@" 2>&1 | grep -v "real_accelerator\|^\[20"

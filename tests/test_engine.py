@@ -18,6 +18,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import ROOT, _free_port
+from zygote import FIXED_ENV
+from zygote import shared as shared_zygotes
 
 from cmal.engine.loop import PREEMPTED_EXIT
 
@@ -68,7 +70,9 @@ def launch(
     env: dict[str, str] | None = None,
 ) -> list[subprocess.Popen]:
     """Start the ranks of `cmal <command>` as a launcher (torchrun, srun) would (``entry``:
-    how python starts cmal; ``env``: more environment)."""
+    how python starts cmal; ``env``: more environment). Each rank is forked from a
+    pre-imported interpreter (tests/zygote.py) unless ``env`` changes what those read at
+    import."""
     port = str(_free_port())
     procs = []
     for r in range(ranks):
@@ -84,9 +88,14 @@ def launch(
             "OMP_NUM_THREADS": "1",
             **(env or {}),
         }
+        argv = [*entry.split(), command, "-c", config, *args]
+        fresh = os.environ.get("CMAL_TESTS_FRESH_START") == "1"  # A/B: bench/NOTES.md
+        if not fresh and all(rank_env.get(k) == v for k, v in FIXED_ENV.items()):
+            procs.append(shared_zygotes().start(r, argv, rank_env, str(ROOT)))
+            continue
         procs.append(
             subprocess.Popen(
-                [sys.executable, *entry.split(), command, "-c", config, *args],
+                [sys.executable, *argv],
                 cwd=ROOT,
                 env=rank_env,
                 stdout=subprocess.PIPE,
