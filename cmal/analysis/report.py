@@ -53,11 +53,11 @@ def collect(paths: list[Path]) -> list[Result]:
     out = []
     for path in paths:
         m = NAME.match(path.name)
-        task = m and m["task"]
-        if not m:
-            # Retrieval is the one task a pre-training run is evaluated on as it is
-            # (Task.zero_shot); its labels there do not name the task.
-            m, task = PRETRAIN_NAME.match(path.name), "retrieval"
+        # Retrieval is the one task a pre-training run is evaluated on as it is
+        # (Task.zero_shot); its labels there do not name the task.
+        zero_shot = m is None
+        task = "retrieval" if zero_shot else m["task"]
+        m = m or PRETRAIN_NAME.match(path.name)
         metrics = path / "metrics.json"
         if not m or not metrics.is_file():
             continue
@@ -65,7 +65,7 @@ def collect(paths: list[Path]) -> list[Result]:
             data = json.loads(metrics.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{metrics}: not valid JSON ({e})") from None
-        if task == "retrieval" and not NAME.match(path.name):
+        if zero_shot:
             data = {k: v for k, v in data.items() if k.startswith(ZERO_SHOT)}
             if not data:
                 continue
