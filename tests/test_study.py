@@ -130,6 +130,10 @@ def test_bad_study_is_one_line(tmp_path):
     )
     with pytest.raises(ConfigError, match="either world or worlds"):
         load_workflow(path)
+    arms = {"a": {"config": "x"}}
+    path.write_text(yaml.safe_dump({"study": {"zero_shot": ["vqa"], "arms": arms}}))
+    with pytest.raises(ConfigError, match=r"zero_shot: \['vqa'\] cannot be evaluated without"):
+        load_workflow(path)
     path.write_text(yaml.safe_dump({"stages": []}))
     with pytest.raises(ConfigError, match="--quick/--arms/--seeds apply to a study"):
         load_workflow(path, quick=True)

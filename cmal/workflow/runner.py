@@ -16,7 +16,8 @@ changed since, it trains afresh, and its old run folder is kept beside as
 - ``pretrain``: ``config``, ``overrides``.
 - ``finetune``: ``task``, ``config``, ``from`` (a stage name, a path, or ``none`` for the
   untrained baseline), ``overrides``.
-- ``evaluate``: ``task``, ``run`` (a finetune stage's name), ``splits``.
+- ``evaluate``: ``task``, ``run`` (a finetune stage's name; a pretrain stage's for a
+  task evaluated zero-shot, retrieval), ``splits``.
 
 Top-level ``overrides`` apply to every config stage (before its own).
 """

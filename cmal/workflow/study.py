@@ -106,6 +106,13 @@ def expand(
         raise ConfigError(f"{where}: worlds: expected a mapping of name -> world settings")
     worlds = {k: dict(v) for k, v in worlds.items()}
     zero_shot = _list(study.get("zero_shot"), f"{where}: zero_shot")
+    if zero_shot:
+        from cmal.tasks import get_task
+
+        bad = [t for t in zero_shot if not get_task(t).zero_shot]
+        if bad:
+            raise ConfigError(f"{where}: zero_shot: {bad} cannot be evaluated without "
+                              "fine-tuning (retrieval can)")  # fmt: skip
     splits = study.get("splits") or {}
     if not isinstance(splits, dict):
         raise ConfigError(f"{where}: splits: expected a mapping of task -> [split, ...]")
