@@ -117,15 +117,17 @@ class Gallery:
             # (image, text) positions in this set whose pair ITM re-ranks, both directions
             i2t_at = [(a, b) for a, row in enumerate(top_t) for b in row]
             t2i_at = [(a, b) for b, row in enumerate(top_i) for a in row]
-            self.match(model, [(img[a], txt[b]) for a, b in i2t_at + t2i_at], world, chunk)
+            pairs = [(img[a], txt[b]) for a, b in i2t_at + t2i_at]
+            self.match(model, pairs, world, chunk)
+            scores = [self.itm[pair] for pair in pairs]
             # Every re-ranked candidate above every other, which keep their embedding order
             # (cosines lie in [-1, 1]): the others are moved below the lowest ITM score.
-            floor = min(self.itm[(img[a], txt[b])] for a, b in i2t_at + t2i_at) - 2.0
+            floor = min(scores) - 2.0
             i2t, t2i = i2t + floor - 1.0, t2i + floor - 1.0
-            for a, b in i2t_at:
-                i2t[a, b] = self.itm[(img[a], txt[b])]
-            for a, b in t2i_at:
-                t2i[b, a] = self.itm[(img[a], txt[b])]
+            for (a, b), score in zip(i2t_at, scores, strict=False):
+                i2t[a, b] = score
+            for (a, b), score in zip(t2i_at, scores[len(i2t_at) :], strict=True):
+                t2i[b, a] = score
         top = max(KS)
         best_t = i2t.topk(min(top, len(texts)), dim=1).indices
         best_i = t2i.topk(min(top, len(images)), dim=1).indices
