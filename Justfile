@@ -35,16 +35,17 @@ services:
     install() { $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
     install || { $sudo apt-get update -qq && install; }
 
-# Lint, format check and the whole test suite.
+# Lint, format check and the whole test suite, two tests at a time (pytest-xdist: each
+# file's tests on one worker, so one SLURM cluster and one world a file; bench/NOTES.md).
 test: setup services
     {{bin}}/ruff check cmal tests bench
     {{bin}}/ruff format --check cmal tests bench
-    {{bin}}/python -m pytest -q --durations=15
+    {{bin}}/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The quick tier, for iterating: the tests that make no world and start no server, cluster or training run.
 test-quick: setup
     {{bin}}/ruff check cmal tests bench
-    {{bin}}/python -m pytest -q -m "not full" --durations=10
+    {{bin}}/python -m pytest -q -n 2 --dist loadfile -m "not full" --durations=10
 
 # The main job on the embedded default: scene world -> pretrain -> fine-tune x5 -> evaluate x5 (+ zero-shot retrieval).
 demo: setup

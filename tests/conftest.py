@@ -10,6 +10,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two tests at a time on two cores: one thread each. OpenMP's threads spin at every
+    # barrier, so a 2-thread test beside another busy process ran ~20x slower (measured).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 from cmal.config import load_config  # noqa: E402

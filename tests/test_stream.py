@@ -168,15 +168,54 @@ def test_missing_folder_bucket_and_bad_credentials(s3, tmp_path):
         proc.kill()
 
 
-def test_bad_sample_is_named_or_skipped(tmp_path):
-    def image(key: str, dim: int) -> dict:
-        return {"key": key, "feats": np.zeros((2, dim), np.float16),
-                "boxes": np.zeros((2, 4), np.float32), "concepts": np.zeros(2, np.int32),
-                "tags": ["dog", "cat"], "confidences": np.ones(2, np.float32)}  # fmt: skip
+def image(key: str, dim: int) -> dict:
+    """An image-store row of two regions of ``dim`` features."""
+    return {"key": key, "feats": np.zeros((2, dim), np.float16),
+            "boxes": np.zeros((2, 4), np.float32), "concepts": np.zeros(2, np.int32),
+            "tags": ["dog", "cat"], "confidences": np.ones(2, np.float32)}  # fmt: skip
 
-    ids = np.array([101, 1037, 3899, 102], np.int32)
-    good = {"id": "ok", "image": "1", "image_row": 0, "text": "a dog", "input_ids": ids,
-            "anchors": [[2, 0, 0]]}  # fmt: skip
+
+GOOD = {"id": "ok", "image": "1", "image_row": 0, "text": "a dog", "anchors": [[2, 0, 0]],
+        "input_ids": np.array([101, 1037, 3899, 102], np.int32)}  # fmt: skip
+"""A pre-training text of image "1"."""
+
+
+def test_datasets_opened_at_once_on_a_node_take_turns(tmp_path):
+    """Streaming names a dataset's shared memory by the first free prefix it finds, then
+    creates it: two processes opening datasets at once collided (``FileExistsError:
+    '/004303_locals'``, two test workers). Opening waits for the node's turn, a lock in
+    /dev/shm that every job's local leader takes; the wait is bounded."""
+    import fcntl
+    import threading
+    import time
+
+    from cmal.data.stream import shm_prefix_turn
+
+    write_shard_set(tmp_path / "s", "pretrain", [GOOD], [image("1", 128)])
+    data = cfg_for(str(tmp_path / "s"), tmp_path / "c", "data.workers=0")
+    other = open("/dev/shm/cmal-streaming-prefix.lock", "a")  # another job's leader
+    fcntl.flock(other, fcntl.LOCK_EX)
+    released = threading.Event()
+
+    def let_go() -> None:
+        time.sleep(1.0)
+        released.set()
+        fcntl.flock(other, fcntl.LOCK_UN)
+
+    threading.Thread(target=let_go).start()
+    ds = open_dataset(data, feature_dim=128)
+    assert released.is_set()  # it waited for the other job's turn to end
+    release(ds)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    start = time.monotonic()
+    with shm_prefix_turn(wait_s=0.2):  # a turn never given: goes on without it
+        assert time.monotonic() - start < 30
+    fcntl.flock(other, fcntl.LOCK_UN)
+    other.close()
+
+
+def test_bad_sample_is_named_or_skipped(tmp_path):
+    good = GOOD
     bad = {**good, "id": "broken", "image": "2", "image_row": 1}
     write_shard_set(tmp_path / "s", "pretrain", [good, bad, good], [image("1", 128), image("2", 7)])
     with pytest.raises(DataError, match=r"sample 'broken' \(image '2'\): feats: shape \(2, 7\)"):

@@ -10,10 +10,14 @@ a resumed loader yields exactly the samples not yet seen in the epoch.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +127,40 @@ def check_shard_folder(remote: str, field: str = "") -> None:
         )
 
 
+@contextlib.contextmanager
+def shm_prefix_turn(wait_s: float = 60.0) -> Iterator[None]:
+    """Hold the node's turn to register a streaming dataset (local leaders only).
+
+    Streaming names a dataset's shared memory by the first free prefix it finds, then
+    creates it: two jobs starting on one node at once can find the same one, and the later
+    fails (``FileExistsError: '/004303_locals'``, seen with two test processes). The local
+    leaders of every job on the node take turns on a lock in /dev/shm, where those names
+    live (one folder for all jobs, whatever their TMPDIR); the job's other ranks read the
+    prefix their leader registered, after streaming's own barrier, so they take no turn.
+    The wait is bounded (``wait_s``), then it goes on without the turn: with a wrong
+    LOCAL_WORLD_SIZE two ranks of one job would both be leaders and wait on each other."""
+    from streaming.base.world import World
+
+    if not World.detect().is_local_leader:
+        yield
+        return
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    with open(os.path.join(folder, "cmal-streaming-prefix.lock"), "a") as lock:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def open_dataset(
     cfg: DataConfig,
     remote: str | None = None,
@@ -202,16 +240,17 @@ def open_dataset(
             return sample
 
     try:
-        dataset = Decoded(
-            remote=remote,
-            local=local,
-            shuffle=cfg.shuffle,
-            shuffle_seed=cfg.shuffle_seed,
-            shuffle_algo=cfg.shuffle_algo,
-            batch_size=cfg.batch_size * cfg.bucket_pool,  # as the loader draws them
-            validate_hash="sha1" if cfg.validate_hash else None,
-            **kw,
-        )
+        with shm_prefix_turn():
+            dataset = Decoded(
+                remote=remote,
+                local=local,
+                shuffle=cfg.shuffle,
+                shuffle_seed=cfg.shuffle_seed,
+                shuffle_algo=cfg.shuffle_algo,
+                batch_size=cfg.batch_size * cfg.bucket_pool,  # as the loader draws them
+                validate_hash="sha1" if cfg.validate_hash else None,
+                **kw,
+            )
         map_readers(dataset.shards)
         dataset.images = images  # the batches' features are copied from it, in this process
         return dataset
