@@ -36,7 +36,7 @@ services:
     install || { $sudo apt-get update -qq && install; }
 
 # Lint, format check and the whole test suite, two tests at a time (pytest-xdist: each
-# file's tests on one worker, so one SLURM cluster and one world a file; bench/NOTES.md).
+# file's tests on one worker, so one SLURM cluster; each worker makes its own world).
 test: setup services
     {{bin}}/ruff check cmal tests bench
     {{bin}}/ruff format --check cmal tests bench
