@@ -189,11 +189,11 @@ def test_datasets_opened_at_once_on_a_node_take_turns(tmp_path):
     import threading
     import time
 
-    from cmal.data.stream import shm_prefix_turn
+    from cmal.data.stream import shm_prefix_turn, shm_turn_lock
 
     write_shard_set(tmp_path / "s", "pretrain", [GOOD], [image("1", 128)])
     data = cfg_for(str(tmp_path / "s"), tmp_path / "c", "data.workers=0")
-    other = open("/dev/shm/cmal-streaming-prefix.lock", "a")  # another job's leader
+    other = open(shm_turn_lock(), "a")  # another job's leader
     fcntl.flock(other, fcntl.LOCK_EX)
     released = threading.Event()
 

@@ -127,6 +127,12 @@ def check_shard_folder(remote: str, field: str = "") -> None:
         )
 
 
+def shm_turn_lock() -> str:
+    """The node's lock file of :func:`shm_prefix_turn`."""
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(folder, "cmal-streaming-prefix.lock")
+
+
 @contextlib.contextmanager
 def shm_prefix_turn(wait_s: float = 60.0) -> Iterator[None]:
     """Hold the node's turn to register a streaming dataset (local leaders only).
@@ -144,13 +150,12 @@ def shm_prefix_turn(wait_s: float = 60.0) -> Iterator[None]:
     if not World.detect().is_local_leader:
         yield
         return
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    with open(os.path.join(folder, "cmal-streaming-prefix.lock"), "a") as lock:
-        deadline = time.monotonic() + wait_s
-        while True:
+    with open(shm_turn_lock(), "a") as lock:
+        deadline, held = time.monotonic() + wait_s, False
+        while not held:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                held = True
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     break
@@ -158,7 +163,8 @@ def shm_prefix_turn(wait_s: float = 60.0) -> Iterator[None]:
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def open_dataset(

@@ -124,9 +124,10 @@ class Gallery:
             # (cosines lie in [-1, 1]): the others are moved below the lowest ITM score.
             floor = min(scores) - 2.0
             i2t, t2i = i2t + floor - 1.0, t2i + floor - 1.0
-            for (a, b), score in zip(i2t_at, scores, strict=False):
+            split = len(i2t_at)
+            for (a, b), score in zip(i2t_at, scores[:split], strict=True):
                 i2t[a, b] = score
-            for (a, b), score in zip(t2i_at, scores[len(i2t_at) :], strict=True):
+            for (a, b), score in zip(t2i_at, scores[split:], strict=True):
                 t2i[b, a] = score
         top = max(KS)
         best_t = i2t.topk(min(top, len(texts)), dim=1).indices
