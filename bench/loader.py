@@ -27,13 +27,10 @@ def raw_read(folder: Path) -> tuple[float, int]:
 
 
 def stream(remote: str, cache: Path, workers: int, endpoint: str | None) -> tuple[float, int]:
-    from streaming.base.util import clean_stale_shared_memory
-
     from cmal.config import load_config
     from cmal.data.batches import make_loader
-    from cmal.data.stream import open_dataset
+    from cmal.data.stream import open_dataset, release
 
-    clean_stale_shared_memory()
     over = [
         f"data.remote={remote}",
         f"data.local={cache}",
@@ -43,11 +40,15 @@ def stream(remote: str, cache: Path, workers: int, endpoint: str | None) -> tupl
     if endpoint:
         over.append(f"data.s3_endpoint={endpoint}")
     cfg = load_config(None, over).data
-    loader = make_loader(cfg, open_dataset(cfg, feature_dim=128), 40, 36)
+    dataset = open_dataset(cfg, feature_dim=128)
+    loader = make_loader(cfg, dataset, 40, 36)
     start, n = time.perf_counter(), 0
     for batch in loader:
         n += len(batch["ids"])
-    return time.perf_counter() - start, n
+    seconds = time.perf_counter() - start
+    del loader
+    release(dataset)  # not clean_stale_shared_memory: it unlinks every job's memory on the node
+    return seconds, n
 
 
 def main() -> None:

@@ -112,7 +112,9 @@ def finish(procs, timeout=300) -> list[int]:
         out, err = p.communicate(timeout=timeout)
         codes.append(p.returncode)
         if p.returncode not in (0, PREEMPTED_EXIT):
-            print(out, err)
+            # The error first: a report that shows the output's start still shows it (CI
+            # cut a failure's stderr after the resolved config it printed).
+            print(err[-4000:] if err else err, out, sep="\n")
     return codes
 
 

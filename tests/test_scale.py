@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from scale_fixtures import feature_bytes, folder_bytes, write_coco, write_vg
-from streaming.base.util import clean_stale_shared_memory
 from test_stream import cfg_for
 
 from cmal.data.batches import make_loader
@@ -18,7 +17,7 @@ from cmal.data.convert.public import convert_public
 from cmal.data.errors import DataError
 from cmal.data.images import read_shard_set
 from cmal.data.schema import IMAGES
-from cmal.data.stream import open_dataset
+from cmal.data.stream import open_dataset, release
 
 CLASSES = ROOT / "tests/fixtures/butd/objects_vocab.txt"
 
@@ -112,8 +111,8 @@ def test_nlvr2_pairs_keep_both_images_across_parts(world, tmp_path):
 
 def loader_epoch(cfg, state=None, stop_after=None):
     """(ids, sum of each batch's features) of an epoch, and the loader state where it stopped."""
-    clean_stale_shared_memory()
-    loader = make_loader(cfg, open_dataset(cfg, feature_dim=2048), 40, 36)
+    dataset = open_dataset(cfg, feature_dim=2048)
+    loader = make_loader(cfg, dataset, 40, 36)
     if state is not None:
         loader.load_state_dict(state)
     ids, sums = [], []
@@ -122,7 +121,10 @@ def loader_epoch(cfg, state=None, stop_after=None):
         sums.append(item["batch"].region_feats.double().sum().item())
         if stop_after is not None and k + 1 == stop_after:
             break
-    return ids, sums, loader.state_dict()
+    state = loader.state_dict()
+    del loader
+    release(dataset)
+    return ids, sums, state
 
 
 def test_every_text_once_an_epoch_and_resume_is_bitwise(coco, tmp_path):

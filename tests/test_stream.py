@@ -7,11 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 from conftest import ROOT, _free_port, start_moto, write_shard_set
-from streaming.base.util import clean_stale_shared_memory
 
 from cmal.config import ConfigError, load_config
 from cmal.data.batches import make_loader
@@ -28,7 +28,6 @@ def cfg_for(remote: str, cache, *more: str):
 
 def epoch(data_cfg, stop_after: int | None = None, state=None):
     """Sample ids of one epoch (or its first batches), and the loader state at the end."""
-    clean_stale_shared_memory()
     ds = open_dataset(data_cfg, feature_dim=128)
     loader = make_loader(data_cfg, ds, 40, 36)
     if state is not None:
@@ -39,7 +38,8 @@ def epoch(data_cfg, stop_after: int | None = None, state=None):
         if stop_after is not None and k + 1 == stop_after:
             break
     out = loader.state_dict()
-    del loader, ds
+    del loader
+    release(ds)  # not streaming's clean_stale_shared_memory: it unlinks other jobs' memory too
     return ids, out
 
 
@@ -55,9 +55,10 @@ def test_local_epoch_covers_every_sample_once(world, tmp_path):
 
 
 def test_batches_are_model_ready(world, tmp_path):
-    clean_stale_shared_memory()
     data = cfg_for(str(world / "shards/nlvr2/train"), tmp_path / "c", "data.workers=0")
-    batch = next(iter(make_loader(data, open_dataset(data, feature_dim=128), 40, 36)))
+    ds = open_dataset(data, feature_dim=128)
+    batch = next(iter(make_loader(data, ds, 40, 36)))
+    release(ds)
     b, b2 = batch["batch"], batch["batch2"]
     assert b.input_ids.shape[0] == 8 and b.region_feats.shape[-1] == 128
     assert b.text_mask[:, 0].all() and b2.region_mask.any(1).all()
@@ -106,8 +107,11 @@ def test_mid_epoch_resume_yields_exactly_the_unseen(world, s3, tmp_path):
     assert sorted(first + rest) == sorted(full)
 
 
-def test_two_ranks_two_workers_are_disjoint_and_cover(world, tmp_path):
-    shards = world / "shards/pretrain/train"
+def two_ranks(code: str) -> list[subprocess.Popen]:
+    """Two ranks of one job on this node, each running ``code`` (python) after making the
+    process group, as training has it: left to itself, streaming opens and destroys one
+    per dataset on the same port, and a rank can reach the other's old store while it is
+    being torn down (seen hanging after other tests)."""
     procs, port = [], str(_free_port())
     for rank in (0, 1):
         env = {
@@ -119,22 +123,41 @@ def test_two_ranks_two_workers_are_disjoint_and_cover(world, tmp_path):
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
         }
-        # The process group first, as training has it: left to itself, streaming opens and
-        # destroys one per dataset on the same port, and a rank can reach the other's old
-        # store while it is being torn down (seen hanging after other tests).
-        code = (
-            "import json,sys; sys.path.insert(0, 'tests');"
+        setup = (
+            "import json, os, sys; sys.path.insert(0, 'tests'); rank = os.environ['RANK'];"
             "import torch.distributed as dist; dist.init_process_group('gloo');"
-            "from test_stream import cfg_for, epoch;"
-            f"ids, _ = epoch(cfg_for({str(shards)!r}, {str(tmp_path / 'c')!r}, 'data.workers=2'));"
-            f"json.dump(ids, open({str(tmp_path / f'r{rank}.json')!r}, 'w'))"
         )
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env))
+        log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it until the end
+        proc = subprocess.Popen([sys.executable, "-c", setup + code], cwd=ROOT, env=env,
+                                stderr=log)  # fmt: skip
+        proc.log = log
+        procs.append(proc)
+    return procs
+
+
+def ended(procs: list[subprocess.Popen]) -> list[int]:
+    """Each rank's exit code (the stderr of those that failed goes to the test's output)."""
     try:
-        assert [p.wait(timeout=180) for p in procs] == [0, 0]
+        codes = [p.wait(timeout=180) for p in procs]
     finally:
         for p in procs:
             p.kill()
+    for p in procs:
+        if p.returncode:
+            p.log.seek(0)
+            print(p.log.read()[-3000:])
+        p.log.close()
+    return codes
+
+
+def test_two_ranks_two_workers_are_disjoint_and_cover(world, tmp_path):
+    shards = world / "shards/pretrain/train"
+    procs = two_ranks(
+        "from test_stream import cfg_for, epoch;"
+        f"ids, _ = epoch(cfg_for({str(shards)!r}, {str(tmp_path / 'c')!r}, 'data.workers=2'));"
+        f"json.dump(ids, open({str(tmp_path)!r} + f'/r{{rank}}.json', 'w'))"
+    )
+    assert ended(procs) == [0, 0]
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     assert r0 and r1 and not set(r0) & set(r1)
     assert sorted(r0 + r1) == sorted(all_ids(shards))
@@ -214,13 +237,58 @@ def test_datasets_opened_at_once_on_a_node_take_turns(tmp_path):
     other.close()
 
 
+def test_a_jobs_ranks_wait_for_their_leaders_turn(tmp_path):
+    """Every rank of a job computes its dataset's prefix (the leader creates it, the others
+    look it up by number): a rank that took its number while its leader waited for the
+    node's turn got the one another job registered meanwhile, and stopped on that job's
+    memory. Here the other job holds the turn and registers a prefix before letting go."""
+    import fcntl
+    import time
+    from multiprocessing.shared_memory import SharedMemory
+
+    from streaming.base.constant import LOCALS
+    from streaming.base.shared.prefix import _check_and_find, _get_path, _pack_locals
+
+    from cmal.data.stream import shm_turn_lock
+
+    write_shard_set(tmp_path / "s", "pretrain", [GOOD], [image("1", 128)])
+    # With its index not yet in the cache, rank 1 would wait for its leader to fetch it:
+    # a cache filled by an earlier job lets it run ahead (as fine-tuning's does).
+    release(open_dataset(cfg_for(str(tmp_path / "s"), tmp_path / "c", "data.workers=0")))
+    other = open(shm_turn_lock(), "a")  # another job's leader
+    fcntl.flock(other, fcntl.LOCK_EX)
+    theirs = None
+    try:
+        procs = two_ranks(
+            "from test_stream import cfg_for; from cmal.data.stream import open_dataset, release;"
+            f"data = cfg_for({str(tmp_path / 's')!r}, {str(tmp_path / 'c')!r}, 'data.workers=0');"
+            f"open({str(tmp_path)!r} + f'/opening{{rank}}', 'w').close();"
+            "release(open_dataset(data, feature_dim=128))"
+        )
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"opening{r}").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.1)
+        time.sleep(3)  # rank 1 is now as far as it goes without its leader
+        prefix = _check_and_find([str(tmp_path / "theirs")], [None], LOCALS)
+        packed = _pack_locals([str(tmp_path / "theirs")], prefix)
+        theirs = SharedMemory(_get_path(prefix, LOCALS), create=True, size=len(packed))
+        theirs.buf[: len(packed)] = packed
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert ended(procs) == [0, 0]
+    finally:
+        other.close()
+        if theirs is not None:
+            theirs.close()
+            theirs.unlink()
+
+
 def test_bad_sample_is_named_or_skipped(tmp_path):
     good = GOOD
     bad = {**good, "id": "broken", "image": "2", "image_row": 1}
     write_shard_set(tmp_path / "s", "pretrain", [good, bad, good], [image("1", 128), image("2", 7)])
     with pytest.raises(DataError, match=r"sample 'broken' \(image '2'\): feats: shape \(2, 7\)"):
         epoch(cfg_for(str(tmp_path / "s"), tmp_path / "c", "data.workers=0", "data.shuffle=false"))
-    clean_stale_shared_memory()
     data = cfg_for(
         str(tmp_path / "s"), tmp_path / "c2", "data.workers=0", "data.on_bad_sample=skip"
     )

@@ -135,36 +135,46 @@ def shm_turn_lock() -> str:
 
 @contextlib.contextmanager
 def shm_prefix_turn(wait_s: float = 60.0) -> Iterator[None]:
-    """Hold the node's turn to register a streaming dataset (local leaders only).
+    """Hold the node's turn to register a streaming dataset (taken by the job's local
+    leader; its other ranks wait until it holds it).
 
     Streaming names a dataset's shared memory by the first free prefix it finds, then
     creates it: two jobs starting on one node at once can find the same one, and the later
     fails (``FileExistsError: '/004303_locals'``, seen with two test processes). The local
     leaders of every job on the node take turns on a lock in /dev/shm, where those names
-    live (one folder for all jobs, whatever their TMPDIR); the job's other ranks read the
-    prefix their leader registered, after streaming's own barrier, so they take no turn.
-    The wait is bounded (``wait_s``), then it goes on without the turn: with a wrong
-    LOCAL_WORLD_SIZE two ranks of one job would both be leaders and wait on each other."""
+    live (one folder for all jobs, whatever their TMPDIR). Every rank of the job computes
+    the prefix (the leader creates it, the others look it up by number), so the other ranks
+    start only once their leader holds the turn: before that, a rank could take a number
+    that another job registered while its leader waited, and find that job's memory under
+    it. The wait is bounded (``wait_s``),
+    then it goes on without the turn: with a wrong LOCAL_WORLD_SIZE two ranks of one job
+    would both be leaders and wait on each other."""
+    import torch.distributed as dist
     from streaming.base.world import World
 
-    if not World.detect().is_local_leader:
+    with contextlib.ExitStack() as stack:
+        if World.detect().is_local_leader:
+            _take_turn(stack, wait_s)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
         yield
-        return
-    with open(shm_turn_lock(), "a") as lock:
-        deadline, held = time.monotonic() + wait_s, False
-        while not held:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                held = True
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
+
+
+def _take_turn(stack: contextlib.ExitStack, wait_s: float) -> None:
+    """Take the node's turn of :func:`shm_prefix_turn` until ``stack`` closes, or go on
+    without it after ``wait_s``."""
+    lock = stack.enter_context(open(shm_turn_lock(), "a"))
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            yield
-        finally:
-            if held:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        else:
+            stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+            return
 
 
 def open_dataset(
@@ -338,9 +348,13 @@ def release(dataset, all_ranks: bool = True) -> None:
         # Threads of an epoch left unfinished (training stops mid-epoch) still read the
         # shard states: stop them first, as streaming does before a new epoch.
         dataset._iterator.exit()
-    for value in list(vars(dataset).values()):
-        for shm in blocks(value):
-            atexit.unregister(shm.cleanup)
-            shm.cleanup()
+    with contextlib.ExitStack() as stack:
+        # A prefix freed while another job's ranks look for a free one can give its ranks
+        # different numbers (see shm_prefix_turn): unlink in the node's turn too.
+        _take_turn(stack, 60.0)
+        for value in list(vars(dataset).values()):
+            for shm in blocks(value):
+                atexit.unregister(shm.cleanup)
+                shm.cleanup()
     if all_ranks and dist.is_available() and dist.is_initialized():
         dist.barrier()
