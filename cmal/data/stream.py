@@ -146,9 +146,8 @@ def shm_prefix_turn(wait_s: float = 60.0) -> Iterator[None]:
     the prefix (the leader creates it, the others look it up by number), so the other ranks
     start only once their leader holds the turn: before that, a rank could take a number
     that another job registered while its leader waited, and find that job's memory under
-    it. The wait is bounded (``wait_s``),
-    then it goes on without the turn: with a wrong LOCAL_WORLD_SIZE two ranks of one job
-    would both be leaders and wait on each other."""
+    it. The wait is bounded (``wait_s``), then it goes on without the turn: with a wrong
+    LOCAL_WORLD_SIZE two ranks of one job would both be leaders and wait on each other."""
     import torch.distributed as dist
     from streaming.base.world import World
 
