@@ -255,29 +255,35 @@ def test_a_jobs_ranks_wait_for_their_leaders_turn(tmp_path):
     # With its index not yet in the cache, rank 1 would wait for its leader to fetch it:
     # a cache filled by an earlier job lets it run ahead (as fine-tuning's does).
     release(open_dataset(cfg_for(str(tmp_path / "s"), tmp_path / "c", "data.workers=0")))
+    procs = two_ranks(
+        "import time; from test_stream import cfg_for;"
+        "from cmal.data.stream import open_dataset, release;"
+        f"data = cfg_for({str(tmp_path / 's')!r}, {str(tmp_path / 'c')!r}, 'data.workers=0');"
+        f"open({str(tmp_path)!r} + f'/ready{{rank}}', 'w').close()\n"
+        f"while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.05)\n"
+        "release(open_dataset(data, feature_dim=128))"
+    )
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.1)
+    # The turn is held for seconds only: other tests' jobs wait for it meanwhile.
     other = open(shm_turn_lock(), "a")  # another job's leader
     fcntl.flock(other, fcntl.LOCK_EX)
     theirs = None
     try:
-        procs = two_ranks(
-            "from test_stream import cfg_for; from cmal.data.stream import open_dataset, release;"
-            f"data = cfg_for({str(tmp_path / 's')!r}, {str(tmp_path / 'c')!r}, 'data.workers=0');"
-            f"open({str(tmp_path)!r} + f'/opening{{rank}}', 'w').close();"
-            "release(open_dataset(data, feature_dim=128))"
-        )
-        deadline = time.monotonic() + 120
-        while not all((tmp_path / f"opening{r}").exists() for r in (0, 1)):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
-            time.sleep(0.1)
+        (tmp_path / "go").touch()
         time.sleep(3)  # rank 1 is now as far as it goes without its leader
         prefix = _check_and_find([str(tmp_path / "theirs")], [None], LOCALS)
         packed = _pack_locals([str(tmp_path / "theirs")], prefix)
         theirs = SharedMemory(_get_path(prefix, LOCALS), create=True, size=len(packed))
         theirs.buf[: len(packed)] = packed
+    finally:
         fcntl.flock(other, fcntl.LOCK_UN)
+        other.close()
+    try:
         assert ended(procs) == [0, 0]
     finally:
-        other.close()
         if theirs is not None:
             theirs.close()
             theirs.unlink()
