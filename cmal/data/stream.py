@@ -133,8 +133,13 @@ def shm_turn_lock() -> str:
     return os.path.join(folder, "cmal-streaming-prefix.lock")
 
 
+TURN_WAIT_S = 60.0
+"""How long a process waits for the node's turn (:func:`shm_prefix_turn`) before going on
+without it."""
+
+
 @contextlib.contextmanager
-def shm_prefix_turn(wait_s: float = 60.0) -> Iterator[None]:
+def shm_prefix_turn(wait_s: float = TURN_WAIT_S) -> Iterator[None]:
     """Hold the node's turn to register a streaming dataset (taken by the job's local
     leader; its other ranks wait until it holds it).
 
@@ -350,7 +355,7 @@ def release(dataset, all_ranks: bool = True) -> None:
     with contextlib.ExitStack() as stack:
         # A prefix freed while another job's ranks look for a free one can give its ranks
         # different numbers (see shm_prefix_turn): unlink in the node's turn too.
-        _take_turn(stack, 60.0)
+        _take_turn(stack, TURN_WAIT_S)
         for value in list(vars(dataset).values()):
             for shm in blocks(value):
                 atexit.unregister(shm.cleanup)
