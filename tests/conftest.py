@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -129,6 +132,39 @@ def write_shard_set(folder: Path, task: str, texts: list[dict], images: list[dic
     return folder
 
 
+def wait_until(
+    check: Callable[[], object],
+    timeout: float,
+    what: str,
+    procs: Iterable = (),
+    every: float = 0.05,
+):
+    """``check()``'s first true value, asked every ``every`` s; an OSError counts as not yet
+    (a server that is starting refuses connections). Fails the test after ``timeout`` s, or
+    as soon as one of ``procs`` (what is being waited on) has ended, with the end of its
+    stderr: a rank that died early made such loops sit out their whole timeout, and one
+    without a bound hung a suite run for good."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            got = check()
+        except OSError:
+            got = None
+        if got:
+            return got
+        for p in procs:
+            if p.poll() is not None:
+                try:
+                    err = p.communicate(timeout=30)[1] or ""
+                except subprocess.TimeoutExpired:  # its children hold the pipe open
+                    err = "(stderr still open)"
+                raise AssertionError(f"waiting for {what}: process {p.pid} exited "
+                                     f"{p.returncode} first:\n{err[-3000:]}")  # fmt: skip
+        if time.monotonic() > end:
+            raise AssertionError(f"waiting for {what}: not there after {timeout:g} s")
+        time.sleep(every)
+
+
 def _free_port() -> int:
     import socket
 
@@ -140,8 +176,6 @@ def _free_port() -> int:
 def start_moto(env_extra: dict[str, str] | None = None):
     """A real S3-compatible server (moto_server) on 127.0.0.1; returns (process, url)."""
     import shutil
-    import subprocess
-    import time
     import urllib.request
 
     port = _free_port()
@@ -154,14 +188,13 @@ def start_moto(env_extra: dict[str, str] | None = None):
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
+    try:
+        wait_until(lambda: urllib.request.urlopen(url + "/moto-api/", timeout=1), 20,
+                   "moto_server", procs=[proc], every=0.1)  # fmt: skip
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 @pytest.fixture(scope="session")

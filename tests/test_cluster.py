@@ -6,6 +6,7 @@ a job that keeps failing stops after the profile's max requeues with its error s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, wait_until
 from test_engine import finish, launch, losses, write_config
 
 
@@ -92,14 +93,7 @@ def state(job: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
-def wait(check, timeout: float, what: str, every: float = 0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+wait = functools.partial(wait_until, every=0.5)  # each check asks slurmctld
 
 
 def logged_steps(run) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import ROOT, _free_port
+from conftest import ROOT, _free_port, wait_until
 from zygote import FIXED_ENV
 from zygote import shared as shared_zygotes
 
@@ -132,14 +132,7 @@ def preempt(procs: list[subprocess.Popen], ready: Callable[[], bool]) -> None:
     """Once ``ready()``, signal every rank (as SLURM does: every task gets the signal) and
     check they saved and asked to be requeued. A rank that ends first fails the test with
     its stderr (a loop without that check hung a suite run for good)."""
-    deadline = time.monotonic() + 300
-    while not ready():
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"rank exit {p.returncode} before the signal:\n"
-                                     f"{p.communicate()[1][-3000:]}")  # fmt: skip
-        assert time.monotonic() < deadline, "no rank reached the signal's step in 300 s"
-        time.sleep(0.05)
+    wait_until(ready, 300, "the signal's step", procs)
     for p in procs:
         p.send_signal(signal.SIGUSR2)
     assert finish(procs) == [PREEMPTED_EXIT] * len(procs)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, start_moto
+from conftest import ROOT, start_moto, wait_until
 from test_engine import finish, launch, logged, losses, write_config
 
 from cmal.cli import run
@@ -447,13 +447,12 @@ def test_disk_full_during_a_save_keeps_the_last_complete_checkpoint(world, finis
 
 def wait_for_lines(proc, mirror: Path, steps: int, name: str = "paused") -> None:
     """Until the run's log (in its node-local mirror) holds ``steps`` steps."""
-    deadline = time.time() + 240
-    while True:
+
+    def enough() -> bool:
         logs = list(mirror.glob(f"{name}-*/log.jsonl"))
-        if logs and len(losses(logs[0].parent)) >= steps:
-            return
-        assert time.time() < deadline and proc.poll() is None, "the run ended early"
-        time.sleep(0.05)
+        return bool(logs) and len(losses(logs[0].parent)) >= steps
+
+    wait_until(enough, 240, f"{steps} steps in the log", [proc])
 
 
 def test_store_paused_mid_run_then_gone(world, tmp_path):

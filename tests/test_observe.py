@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import _free_port
+from conftest import _free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from test_engine import finish, launch, write_config
 
@@ -48,19 +48,6 @@ def value(found: dict, name: str, **labels) -> float:
     hits = [v for (n, ls), v in found.items() if n == name and labels.items() <= dict(ls).items()]
     assert len(hits) == 1, (name, labels, hits)
     return hits[0]
-
-
-def wait_for(check, timeout=90.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            got = check()
-        except OSError:
-            got = None
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def log_rows(run) -> dict[int, dict]:
@@ -100,7 +87,7 @@ def test_scrape_agrees_with_log_and_prometheus_stores_the_series(world, tmp_path
             time.sleep(0.05)
             return a if samples(get(url)) == a and value(a, "cmal_step") >= 10 else None
 
-        scraped = wait_for(stable, what="a /metrics scrape at step >= 10")
+        scraped = wait_until(stable, 90, "a /metrics scrape at step >= 10", [*procs, prom], 0.2)
         # 2. Prometheus found the endpoint through the file_sd entry and stored the loss.
         api = f"http://127.0.0.1:{prom_port}/api/v1/query?"
 
@@ -109,7 +96,7 @@ def test_scrape_agrees_with_log_and_prometheus_stores_the_series(world, tmp_path
             result = json.loads(get(api + q))["data"]["result"]
             return result or None
 
-        result = wait_for(series, what="the loss series in Prometheus")
+        result = wait_until(series, 90, "the loss series in Prometheus", [prom], 0.2)
         labels = result[0]["metric"]
         assert labels["stage"] == "pretrain" and labels["rank"] == "0"
         assert labels["job"] == "cmal" and labels["job_id"] == "local"
@@ -144,7 +131,9 @@ def test_batch_job_pushes_to_a_real_pushgateway_and_counts_restarts(world, tmp_p
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_for(lambda: get(f"http://127.0.0.1:{port}/-/ready"), what="the Pushgateway")
+        wait_until(
+            lambda: get(f"http://127.0.0.1:{port}/-/ready"), 90, "the Pushgateway", [gw], 0.2
+        )
         cfg = write_config(
             tmp_path, world, name="push", engine={"steps": 6},
             observe={"pushgateway": f"http://127.0.0.1:{port}", "peak_tflops": 0.5},

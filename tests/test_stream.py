@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, _free_port, start_moto, write_shard_set
+from conftest import ROOT, _free_port, start_moto, wait_until, write_shard_set
 
 from cmal.config import ConfigError, load_config
 from cmal.data.batches import make_loader
@@ -263,10 +263,8 @@ def test_a_jobs_ranks_wait_for_their_leaders_turn(tmp_path):
         f"while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.05)\n"
         "release(open_dataset(data, feature_dim=128))"
     )
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
-        time.sleep(0.1)
+    wait_until(lambda: all((tmp_path / f"ready{r}").exists() for r in (0, 1)), 120,
+               "both ranks' datasets", procs, every=0.1)  # fmt: skip
     # The turn is held for seconds only: other tests' jobs wait for it meanwhile.
     other = open(shm_turn_lock(), "a")  # another job's leader
     fcntl.flock(other, fcntl.LOCK_EX)
