@@ -44,13 +44,17 @@ def _serve(path: str) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Packets, not a stream: a request (argv, env: a few KB) arrives whole in one recvmsg,
+    # or the zygote says it did not.
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     srv.bind(path)
     srv.listen(8)
     print("ready", flush=True)
     while True:
         conn, _ = srv.accept()
-        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
+        msg, fds, flags, _ = socket.recv_fds(conn, 1 << 20, 2)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise RuntimeError(f"zygote: a request cut short ({len(msg)} bytes, {fds} fds)")
         request = json.loads(msg)
         middle = os.fork()
         if middle == 0:
@@ -184,7 +188,7 @@ class Zygotes:
     def start(self, rank: int, argv: list[str], env: dict[str, str], cwd: str) -> Forked:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
             conn.connect(self._socket(rank))
             msg = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()
             socket.send_fds(conn, [msg], [out_w, err_w])
