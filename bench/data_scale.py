@@ -60,8 +60,6 @@ def loader(remote: Path, cache: Path, workers: int, feature_dim: int, image_of) 
     paced at a GPU's rate (data-wait share), and the same-image pairs of its batches."""
     import statistics
 
-    from streaming.base.util import clean_stale_shared_memory
-
     from cmal.config import load_config
     from cmal.data.stream import open_dataset
 
@@ -73,8 +71,8 @@ def loader(remote: Path, cache: Path, workers: int, feature_dim: int, image_of) 
     over = [f"data.remote={remote}", f"data.local={cache}", f"data.workers={workers}",
             "data.batch_size=64"]  # fmt: skip
     cfg = load_config(None, over).data
-    clean_stale_shared_memory()
-    items = make_loader(cfg, open_dataset(cfg, feature_dim=feature_dim), 40, 36)
+    dataset = open_dataset(cfg, feature_dim=feature_dim)
+    items = make_loader(cfg, dataset, 40, 36)
     rates, steady, starts, out = [], [], [], {}
     for epoch in ("fill", "rate", "rate", "rate", "paced"):
         texts, waited, slept, batches, first = 0, 0.0, 0.0, [], None
@@ -104,7 +102,22 @@ def loader(remote: Path, cache: Path, workers: int, feature_dim: int, image_of) 
     out["first_batch_s"] = statistics.median(starts)
     out["feature_mb_per_s"] = out["texts_per_s"] * 36 * feature_dim * 2 / 1e6
     out["texts_per_epoch"] = texts
+    free(dataset)
     return out
+
+
+def free(dataset) -> None:
+    """Free ``dataset``'s shared memory now. An old checkout (``--before``) has no
+    ``release``: there streaming's clean-up, which frees every job's memory on the node
+    (run the bench with nothing else streaming)."""
+    try:
+        from cmal.data.stream import release
+    except ImportError:
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+    else:
+        release(dataset)
 
 
 def same_image_share(batches: list[list], image_of) -> float:
@@ -127,7 +140,6 @@ def full_size_order(texts: int, per_image: int, algo: str) -> float:
     one worker; the order is computed from the index alone, no shard is read)."""
     import numpy as np
     from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
 
     folder = Path(tempfile.mkdtemp(prefix="cmal-order-"))
     shards, left = [], texts
@@ -140,11 +152,11 @@ def full_size_order(texts: int, per_image: int, algo: str) -> float:
                        "hashes": [], "raw_data": raw, "samples": n, "size_limit": 1 << 24,
                        "version": 2, "zip_data": None})  # fmt: skip
     (folder / "index.json").write_text(json.dumps({"version": 2, "shards": shards}))
-    clean_stale_shared_memory()
     ds = StreamingDataset(local=str(folder), shuffle=True, shuffle_algo=algo, batch_size=64)
     ds._unique_worker_world = ds._unique_rank_world.detect_workers()
     ds._parallel_worker_world = ds._parallel_rank_world.detect_workers()
     ids = ds._get_work(*ds._resume_incr_epoch())
+    free(ds)
     ids = ids[ids >= 0]
     ids = ids[: len(ids) // 64 * 64]
     batch = np.arange(len(ids)) // 64
