@@ -139,17 +139,19 @@ def wait_until(
     procs: Iterable = (),
     every: float = 0.05,
 ):
-    """``check()``'s first true value, asked every ``every`` s; an OSError counts as not yet
-    (a server that is starting refuses connections). Fails the test after ``timeout`` s, or
-    as soon as one of ``procs`` (what is being waited on) has ended, with the end of its
-    stderr: a rank that died early made such loops sit out their whole timeout, and one
-    without a bound hung a suite run for good."""
-    end = time.monotonic() + timeout
+    """``check()``'s first true value, asked every ``every`` s; a refused or failed HTTP
+    connection counts as not yet (a server that is starting), other errors propagate. Fails
+    the test after ``timeout`` s, or as soon as one of ``procs`` (what is being waited on)
+    has ended, with the end of its stderr: a rank that died early made such loops sit out
+    their whole timeout, and one without a bound hung a suite run for good."""
+    import urllib.error
+
+    end, last = time.monotonic() + timeout, None
     while True:
         try:
             got = check()
-        except OSError:
-            got = None
+        except (ConnectionError, urllib.error.URLError) as e:
+            got, last = None, e
         if got:
             return got
         for p in procs:
@@ -161,7 +163,8 @@ def wait_until(
                 raise AssertionError(f"waiting for {what}: process {p.pid} exited "
                                      f"{p.returncode} first:\n{err[-3000:]}")  # fmt: skip
         if time.monotonic() > end:
-            raise AssertionError(f"waiting for {what}: not there after {timeout:g} s")
+            raise AssertionError(f"waiting for {what}: not there after {timeout:g} s"
+                                 + (f" (last: {last!r})" if last else ""))  # fmt: skip
         time.sleep(every)
 
 
