@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from cmal.analysis.report import collect, comparisons, plot, tables, verdict
+from cmal.analysis.report import across_worlds, collect, comparisons, plot, tables, verdict
 from cmal.config import ConfigError
 from cmal.workflow.runner import load_workflow
 
@@ -212,6 +212,38 @@ def test_report_pairs_within_a_world_and_reads_zero_shot_runs(tmp_path):
     table = tables([r for r in collect(sorted(tmp_path.iterdir())) if r.task == "retrieval"])
     assert "| arm | seeds | zeroshot-test | zeroshot-test i2t r1 | test | test i2t r1 |" in table
     assert "| noisy-cmal-itc | 1 | 20.0 | 10.0 | 40.0 | 10.0 |" in table
+
+
+def test_report_sets_the_lead_in_one_world_against_another(tmp_path):
+    """Size apart from noise: CMAL's lead on the plain world against its lead on the noisy
+    one, the change judged over the four means' errors (variants and fractions left out);
+    and a seeds column that shows a range where splits have different runs."""
+    for arm, test, val in [
+        ("cmal", (60, 62), (60, 62)),
+        ("contrastive", (50, 52), (50, 52)),
+        ("noisy-cmal", (55, 57), (58, 60)),
+        ("noisy-contrastive", (54, 56), (50, 52)),
+        ("noisy-cmal-itc", (90, 92), (90, 92)),
+        ("cmal-25", (0, 1), (0, 1)),
+    ]:
+        for seed in (0, 1):
+            _metrics(tmp_path / f"claim3-{arm}-s{seed}-vqa", test=test[seed] / 100,
+                     val=val[seed] / 100)  # fmt: skip
+    text = across_worlds(collect(sorted(tmp_path.iterdir())))
+    assert text.splitlines()[0] == "### cmal − contrastive against noisy-cmal − noisy-contrastive"
+    # test: lead +10 then +1; each mean's error is 1, so the change's is 2: -9 < -2 x 2
+    assert "| vqa | test | +10.0 | +1.0 | -9.0 | shrinks |" in text
+    assert "| vqa | val | +10.0 | +8.0 | -2.0 | tie |" in text
+    assert len([line for line in text.splitlines() if line.startswith("| vqa")]) == 2
+    only_one = collect(sorted(p for p in tmp_path.iterdir() if "noisy" not in p.name))
+    assert across_worlds(only_one) == ""
+    run = tmp_path / "claim3-cmal-s0"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"zeroshot-test": {"r_mean": 0.2, "n": 5.0}}))
+    _metrics(tmp_path / "claim3-cmal-s0-retrieval", test=0.3)
+    _metrics(tmp_path / "claim3-cmal-s1-retrieval", test=0.4)
+    table = tables([r for r in collect(sorted(tmp_path.iterdir())) if r.task == "retrieval"])
+    assert "| cmal | 1–2 | 20.0 | 35.0 ± 7.1 |" in table
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ Arm names say what is compared: ``[<world>-]<method>[-<variant>][-<pct>]``, meth
 or ``contrastive``, ``<pct>`` the percentage of the pre-training pairs (100 when absent),
 ``<world>`` a world prefix of a study on several worlds (``noisy-cmal-itc``). Every CMAL
 arm is set against the contrastive arm of its world at its fraction and at 100%; the plot
-draws the arms without a variant.
+draws the arms without a variant. On a study of several worlds, CMAL's lead over the
+contrastive model in the first world is set against its lead in each other one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmal.config import ConfigError
-from cmal.tasks import TASKS, beside_accuracy, headline
+from cmal.tasks import TASKS, beside_accuracy, get_task, headline
 
 NAME = re.compile(rf"^(?P<study>[^-]+)-(?P<arm>.+)-s(?P<seed>\d+)-(?P<task>{'|'.join(TASKS)})$")
 PRETRAIN_NAME = re.compile(r"^(?P<study>[^-]+)-(?P<arm>.+)-s(?P<seed>\d+)$")
@@ -48,15 +49,20 @@ class Result:
     consistency, REC's upper bound): in the tables, not in the verdicts or the plot."""
 
 
+def _zero_shot_task() -> str:
+    """The task of a pre-training run's ``zeroshot-<split>`` labels: they do not name it,
+    which holds while one task can be evaluated zero-shot (``Task.zero_shot``)."""
+    (task,) = [t for t in TASKS if get_task(t).zero_shot]
+    return task
+
+
 def collect(paths: list[Path]) -> list[Result]:
-    """Every fine-tuned run among ``paths`` (run folders; others are ignored)."""
+    """Every evaluated run among ``paths`` (run folders; others are ignored)."""
     out = []
     for path in paths:
         m = NAME.match(path.name)
-        # Retrieval is the one task a pre-training run is evaluated on as it is
-        # (Task.zero_shot); its labels there do not name the task.
         zero_shot = m is None
-        task = "retrieval" if zero_shot else m["task"]
+        task = _zero_shot_task() if zero_shot else m["task"]
         m = m or PRETRAIN_NAME.match(path.name)
         metrics = path / "metrics.json"
         if not m or not metrics.is_file():
@@ -98,12 +104,16 @@ def _values(
     return by
 
 
+def _seeds(values: dict[str, list[float]]) -> str:
+    """The seeds column: one count, or the range where splits differ (a pre-training run's
+    zero-shot columns beside fine-tuned ones: each has its own runs)."""
+    counts = sorted({len(v) for v in values.values() if v})
+    return "–".join(map(str, dict.fromkeys([counts[0], counts[-1]])))
+
+
 def tables(results: list[Result]) -> str:
     """One Markdown table per task: arms × splits, mean ± std over seeds (n = seeds)."""
     by = _values(results, more=True)
-    seeds = defaultdict(set)
-    for r in results:
-        seeds[(r.task, r.arm)].add(r.seed)
     arms = list(dict.fromkeys(r.arm for r in results))
     lines = []
     for task in [t for t in TASK_ORDER if any(r.task == t for r in results)]:
@@ -115,7 +125,7 @@ def tables(results: list[Result]) -> str:
             if (task, arm) not in by:
                 continue
             cells = [_cell(by[(task, arm)][s]) if by[(task, arm)][s] else "–" for s in splits]
-            lines.append(f"| {arm} | {len(seeds[(task, arm)])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {arm} | {_seeds(by[(task, arm)])} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -148,17 +158,23 @@ def _pairs(arms: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _judge(diff: float, groups: list[list[float]], words=("win", "lose")) -> str:
+    """``words[0]`` / ``words[1]`` when ``diff`` exceeds :data:`WIN_SE` standard errors
+    sqrt(sum s²/n) of ``groups`` (the means it is made of), ``tie`` otherwise; ``1 seed``
+    when a group has one value, as its spread is then unknown."""
+    if min(map(len, groups)) < 2:
+        return "1 seed"
+    se = sum(statistics.variance(g) / len(g) for g in groups) ** 0.5
+    if abs(diff) <= WIN_SE * se:
+        return "tie"
+    return words[0] if diff > 0 else words[1]
+
+
 def verdict(a: list[float], b: list[float]) -> str:
     """``win`` / ``lose`` (for ``a``) when the difference of the means exceeds
     :data:`WIN_SE` standard errors sqrt(s_a²/n_a + s_b²/n_b), ``tie`` otherwise; ``1 seed``
-    when either side has one value, as its spread is then unknown."""
-    if min(len(a), len(b)) < 2:
-        return "1 seed"
-    diff = statistics.mean(a) - statistics.mean(b)
-    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-    if abs(diff) <= WIN_SE * se:
-        return "tie"
-    return "win" if diff > 0 else "lose"
+    when either side has one value."""
+    return _judge(statistics.mean(a) - statistics.mean(b), [a, b])
 
 
 def comparisons(results: list[Result]) -> str:
@@ -184,12 +200,53 @@ def comparisons(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def across_worlds(results: list[Result]) -> str:
+    """Size apart from noise: CMAL's lead over the contrastive model (plain arms, all the
+    data) in the first world against each other world of the study, per task and split,
+    and the change judged like a difference of two (by :func:`_judge`, over the four
+    means' errors): ``grows`` / ``shrinks`` / ``tie``. Empty with fewer than two worlds."""
+    by = _values(results)
+    plain = {}
+    for a, b in _pairs(list(dict.fromkeys(r.arm for r in results))):
+        m = METHOD.match(a)
+        if not m["variant"] and not m["pct"] and not METHOD.match(b)["pct"]:
+            plain.setdefault(m["world"], (a, b))
+    if len(plain) < 2:
+        return ""
+    # the world without a prefix (the study's first) is the one the others are read against
+    (_, (a0, b0)), *others = sorted(plain.items())
+    lines = []
+    for _, (a1, b1) in others:
+        rows = []
+        for task in TASK_ORDER:
+            for split, va0 in by[(task, a0)].items():
+                groups = [va0, by[(task, b0)].get(split), by[(task, a1)].get(split),
+                          by[(task, b1)].get(split)]  # fmt: skip
+                if not all(groups):
+                    continue
+                lead0, lead1 = (statistics.mean(x) - statistics.mean(y)
+                                for x, y in (groups[:2], groups[2:]))  # fmt: skip
+                change = _judge(lead1 - lead0, groups, ("grows", "shrinks"))
+                rows.append(f"| {task} | {split} | {lead0:+.1f} | {lead1:+.1f} | "
+                            f"{lead1 - lead0:+.1f} | {change} |")  # fmt: skip
+        if rows:
+            head0, head1 = f"{a0} − {b0}", f"{a1} − {b1}"
+            lines += [f"### {head0} against {head1}", "",
+                      f"| task | split | {head0} | {head1} | change | verdict |",
+                      "|---|---|---|---|---|---|", *rows, ""]  # fmt: skip
+    return "\n".join(lines)
+
+
 def markdown(results: list[Result]) -> str:
-    """What ``cmal report`` prints: the tables, then CMAL against the contrastive baseline."""
+    """What ``cmal report`` prints: the tables, CMAL against the contrastive baseline, and
+    on a study of several worlds how CMAL's lead changes from one world to another."""
     text = tables(results)
     versus = comparisons(results)
     if versus:
         text += "\n## CMAL vs the contrastive baseline\n\n" + versus
+    worlds = across_worlds(results)
+    if worlds:
+        text += "\n## CMAL's lead from one world to another\n\n" + worlds
     return text
 
 
