@@ -201,6 +201,9 @@ def test_report_pairs_within_a_world_and_reads_zero_shot_runs(tmp_path):
     heads = [line for line in text.splitlines() if line.startswith("### ")]
     assert sorted(heads) == ["### cmal vs contrastive", "### noisy-cmal vs noisy-contrastive",
                              "### noisy-cmal-itc vs noisy-contrastive"]  # fmt: skip
+    variants = comparisons(collect(sorted(tmp_path.iterdir())), variants=True)
+    assert [line for line in variants.splitlines() if line.startswith("### ")] == [
+        "### noisy-cmal-itc vs noisy-cmal"]  # fmt: skip
     run = tmp_path / "claim3-noisy-cmal-itc-s0"
     run.mkdir()
     recall = {"r_mean": 0.2, "i2t_r1": 0.1, "n": 5.0}

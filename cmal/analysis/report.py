@@ -9,9 +9,10 @@ evaluated zero-shot adds its ``zeroshot-<split>`` numbers to the zero-shot task'
 Arm names say what is compared: ``[<world>-]<method>[-<variant>][-<pct>]``, method ``cmal``
 or ``contrastive``, ``<pct>`` the percentage of the pre-training pairs (100 when absent),
 ``<world>`` a world prefix of a study on several worlds (``noisy-cmal-itc``). Every CMAL
-arm is set against the contrastive arm of its world at its fraction and at 100%; the plot
-draws the arms without a variant. On a study of several worlds, CMAL's lead over the
-contrastive model in the first world is set against its lead in each other one.
+arm is set against the contrastive arm of its world at its fraction and at 100%, and a
+variant against the paper's CMAL of its world; the plot draws the arms without a variant.
+On a study of several worlds, CMAL's lead over the contrastive model in the first world is
+set against its lead in each other one.
 """
 
 from __future__ import annotations
@@ -177,12 +178,30 @@ def verdict(a: list[float], b: list[float]) -> str:
     return _judge(statistics.mean(a) - statistics.mean(b), [a, b])
 
 
-def comparisons(results: list[Result]) -> str:
-    """CMAL against the contrastive baseline, per task and split: both means, the
-    difference, and :func:`verdict`. Empty when the study has no such pair."""
+def _variant_pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """(CMAL variant, the paper's CMAL) pairs present: ``[<world>-]cmal-<variant>[-<p>]``
+    against ``[<world>-]cmal[-<p>]``, what a variant costs or brings."""
+    plain = {}
+    variants = []
+    for arm in arms:
+        m = METHOD.match(arm)
+        if m and m["method"] == "cmal":
+            key = (m["world"], int(m["pct"] or 100))
+            if m["variant"]:
+                variants.append((key, arm))
+            else:
+                plain[key] = arm
+    return [(arm, plain[key]) for key, arm in variants if key in plain]
+
+
+def comparisons(results: list[Result], variants: bool = False) -> str:
+    """CMAL against the contrastive baseline (``variants``: each CMAL variant against the
+    paper's CMAL), per task and split: both means, the difference, and :func:`verdict`.
+    Empty when the study has no such pair."""
     by = _values(results)
     lines = []
-    for a, b in _pairs(list(dict.fromkeys(r.arm for r in results))):
+    arms = list(dict.fromkeys(r.arm for r in results))
+    for a, b in (_variant_pairs if variants else _pairs)(arms):
         rows = []
         for task in TASK_ORDER:
             for split, va in by[(task, a)].items():
@@ -238,12 +257,16 @@ def across_worlds(results: list[Result]) -> str:
 
 
 def markdown(results: list[Result]) -> str:
-    """What ``cmal report`` prints: the tables, CMAL against the contrastive baseline, and
-    on a study of several worlds how CMAL's lead changes from one world to another."""
+    """What ``cmal report`` prints: the tables, CMAL against the contrastive baseline, each
+    CMAL variant against the paper's CMAL, and on a study of several worlds how CMAL's
+    lead changes from one world to another."""
     text = tables(results)
     versus = comparisons(results)
     if versus:
         text += "\n## CMAL vs the contrastive baseline\n\n" + versus
+    versus = comparisons(results, variants=True)
+    if versus:
+        text += "\n## CMAL's variants vs the paper's CMAL\n\n" + versus
     worlds = across_worlds(results)
     if worlds:
         text += "\n## CMAL's lead from one world to another\n\n" + worlds
