@@ -132,6 +132,19 @@ def write_shard_set(folder: Path, task: str, texts: list[dict], images: list[dic
     return folder
 
 
+def _stderr_of(proc: subprocess.Popen) -> str:
+    """An ended process's stderr: its pipe, or the file a test gave it as ``proc.log`` (a
+    file, not a pipe, where nobody reads until the end)."""
+    log = getattr(proc, "log", None)
+    if log is not None:
+        log.seek(0)
+        return log.read()
+    try:
+        return proc.communicate(timeout=30)[1] or ""
+    except subprocess.TimeoutExpired:  # its children hold the pipe open
+        return "(stderr still open)"
+
+
 def wait_until(
     check: Callable[[], object],
     timeout: float,
@@ -156,10 +169,7 @@ def wait_until(
             return got
         for p in procs:
             if p.poll() is not None:
-                try:
-                    err = p.communicate(timeout=30)[1] or ""
-                except subprocess.TimeoutExpired:  # its children hold the pipe open
-                    err = "(stderr still open)"
+                err = _stderr_of(p)
                 raise AssertionError(f"waiting for {what}: process {p.pid} exited "
                                      f"{p.returncode} first:\n{err[-3000:]}")  # fmt: skip
         if time.monotonic() > end:

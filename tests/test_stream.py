@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, _free_port, start_moto, wait_until, write_shard_set
+from conftest import ROOT, _free_port, _stderr_of, start_moto, wait_until, write_shard_set
 
 from cmal.config import ConfigError, load_config
 from cmal.data.batches import make_loader
@@ -144,8 +144,7 @@ def ended(procs: list[subprocess.Popen]) -> list[int]:
             p.kill()
     for p in procs:
         if p.returncode:
-            p.log.seek(0)
-            print(p.log.read()[-3000:])
+            print(_stderr_of(p)[-3000:])
         p.log.close()
     return codes
 
@@ -263,8 +262,13 @@ def test_a_jobs_ranks_wait_for_their_leaders_turn(tmp_path):
         f"while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.05)\n"
         "release(open_dataset(data, feature_dim=128))"
     )
-    wait_until(lambda: all((tmp_path / f"ready{r}").exists() for r in (0, 1)), 120,
-               "both ranks' datasets", procs, every=0.1)  # fmt: skip
+    try:
+        wait_until(lambda: all((tmp_path / f"ready{r}").exists() for r in (0, 1)), 120,
+                   "both ranks' datasets", procs, every=0.1)  # fmt: skip
+    except AssertionError:
+        for p in procs:  # the other rank waits for "go" for good
+            p.kill()
+        raise
     # The turn is held for seconds only: other tests' jobs wait for it meanwhile.
     other = open(shm_turn_lock(), "a")  # another job's leader
     fcntl.flock(other, fcntl.LOCK_EX)
