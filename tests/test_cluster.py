@@ -197,7 +197,14 @@ def test_two_node_job_survives_signal_requeue_and_a_lost_rank_with_the_same_loss
     assert losses(run) == want  # every step, bitwise, as the uninterrupted run
     said = (tmp_path / "jobs/ref" / f"{job}_0_log.err").read_text()
     lost = "a collective with the other 1 rank(s) failed"
-    assert said.count(lost) == 2 and "another rank died, hung or was stopped" in said
+    # Rank 0's output of each start (each prints its resolved config first): rank 1 is
+    # lost in starts 3 and 4, and rank 0 says so; not in the first (the signal) or the last.
+    # Start 2's requeue with no warning kills both ranks KillWait (5 s) after SIGTERM: on a
+    # loaded machine rank 1 can go first and rank 0 says it lost it, which is true; seen.
+    ran = said.split("# resolved config")[1:]
+    assert len(ran) == 5, said[-3000:]
+    assert lost not in ran[0] and lost in ran[2] and lost in ran[3] and lost not in ran[4]
+    assert "another rank died, hung or was stopped" in ran[3]
 
     out = cmal("status", "ref", "--cluster", prof).stdout
     row = next(x for x in out.splitlines() if x.startswith(job))
