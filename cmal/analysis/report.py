@@ -17,6 +17,7 @@ set against its lead in each other one.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import statistics
@@ -50,6 +51,7 @@ class Result:
     consistency, REC's upper bound): in the tables, not in the verdicts or the plot."""
 
 
+@functools.cache
 def _zero_shot_task() -> str:
     """The task of a pre-training run's ``zeroshot-<split>`` labels: they do not name it,
     which holds while one task can be evaluated zero-shot (``Task.zero_shot``)."""
@@ -228,7 +230,7 @@ def across_worlds(results: list[Result]) -> str:
     plain = {}
     for a, b in _pairs(list(dict.fromkeys(r.arm for r in results))):
         m = METHOD.match(a)
-        if not m["variant"] and not m["pct"] and not METHOD.match(b)["pct"]:
+        if not m["variant"] and not m["pct"]:  # at 100%, paired with contrastive at 100%
             plain.setdefault(m["world"], (a, b))
     if len(plain) < 2:
         return ""
@@ -261,15 +263,13 @@ def markdown(results: list[Result]) -> str:
     CMAL variant against the paper's CMAL, and on a study of several worlds how CMAL's
     lead changes from one world to another."""
     text = tables(results)
-    versus = comparisons(results)
-    if versus:
-        text += "\n## CMAL vs the contrastive baseline\n\n" + versus
-    versus = comparisons(results, variants=True)
-    if versus:
-        text += "\n## CMAL's variants vs the paper's CMAL\n\n" + versus
-    worlds = across_worlds(results)
-    if worlds:
-        text += "\n## CMAL's lead from one world to another\n\n" + worlds
+    for head, section in [
+        ("CMAL vs the contrastive baseline", comparisons(results)),
+        ("CMAL's variants vs the paper's CMAL", comparisons(results, variants=True)),
+        ("CMAL's lead from one world to another", across_worlds(results)),
+    ]:
+        if section:
+            text += f"\n## {head}\n\n" + section
     return text
 
 
