@@ -12,7 +12,15 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from cmal.analysis.report import across_worlds, collect, comparisons, plot, tables, verdict
+from cmal.analysis.report import (
+    _panels,
+    across_worlds,
+    collect,
+    comparisons,
+    plot,
+    tables,
+    verdict,
+)
 from cmal.config import ConfigError
 from cmal.workflow.runner import load_workflow
 
@@ -247,6 +255,14 @@ def test_report_sets_the_lead_in_one_world_against_another(tmp_path):
     _metrics(tmp_path / "claim3-cmal-s1-retrieval", test=0.4)
     table = tables([r for r in collect(sorted(tmp_path.iterdir())) if r.task == "retrieval"])
     assert "| cmal | 1–2 | 20.0 | 35.0 ± 7.1 |" in table
+    # every arm at all the pairs: the figure has a bar per arm and task, zero-shot apart
+    results = [r for r in collect(sorted(tmp_path.iterdir())) if r.arm != "cmal-25"]
+    panels = _panels(results)
+    assert list(panels) == ["vqa", "retrieval", "retrieval zero-shot"]
+    assert panels["vqa"]["noisy-contrastive"] == pytest.approx([52.0, 54.0])  # splits' mean
+    assert panels["retrieval"] == {"cmal": pytest.approx([30.0, 40.0])}
+    assert panels["retrieval zero-shot"] == {"cmal": pytest.approx([20.0])}
+    assert plot(results, tmp_path / "arms.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

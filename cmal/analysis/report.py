@@ -1,6 +1,6 @@
 """``cmal report RUNS...``: a study's fine-tuned runs as tables (mean ± std over seeds),
 CMAL set against the contrastive baseline with a verdict, and a plot of each task's metric
-against the pre-training data fraction.
+against the pre-training data fraction (or, where every arm has all the pairs, per arm).
 
 A run is grouped by its name, ``<study>-<arm>-s<seed>-<task>`` (what ``cmal/workflow/study.py``
 names them); its numbers are its ``metrics.json``. A pre-training run ``<study>-<arm>-s<seed>``
@@ -10,7 +10,8 @@ Arm names say what is compared: ``[<world>-]<method>[-<variant>][-<pct>]``, meth
 or ``contrastive``, ``<pct>`` the percentage of the pre-training pairs (100 when absent),
 ``<world>`` a world prefix of a study on several worlds (``noisy-cmal-itc``). Every CMAL
 arm is set against the contrastive arm of its world at its fraction and at 100%, and a
-variant against the paper's CMAL of its world; the plot draws the arms without a variant.
+variant against the paper's CMAL of its world; the fraction plot draws the arms without a
+variant.
 On a study of several worlds, CMAL's lead over the contrastive model in the first world is
 set against its lead in each other one.
 """
@@ -273,39 +274,105 @@ def markdown(results: list[Result]) -> str:
     return text
 
 
+def _panels(results: list[Result]) -> dict[str, dict[str, list[float]]]:
+    """Panel -> arm -> one value per seed, the mean of the run's splits; a task's
+    zero-shot evaluation is a panel of its own (``<task> zero-shot``), in task order."""
+    panels: dict = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if r.metrics:
+            zero_shot = all(s.startswith(ZERO_SHOT) for s in r.metrics)
+            panel = f"{r.task} zero-shot" if zero_shot else r.task
+            panels[panel][r.arm].append(statistics.mean(r.metrics.values()))
+    order = {t: i for i, t in enumerate(TASK_ORDER)}
+    return dict(sorted(panels.items(), key=lambda kv: (order[kv[0].split()[0]], kv[0])))
+
+
 def plot(results: list[Result], out: Path) -> Path | None:
-    """Each task's mean accuracy (over its splits and seeds) against the pre-training data
-    fraction, for CMAL and the contrastive baseline; None when no arm is such."""
+    """A study's figure: where arms differ in their share of the pre-training pairs, each
+    task's mean accuracy (over its splits and seeds) against that share for CMAL and the
+    contrastive baseline; where every arm has all the pairs (round 3), every arm side by
+    side per task, zero-shot retrieval its own panel. Error bars: std over seeds. None when
+    there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = defaultdict(lambda: defaultdict(list))  # (task, method) -> pct -> values
-    for r in results:
-        m = METHOD.match(r.arm)
-        if m and not m["variant"] and r.metrics:
-            pct = int(m["pct"] or 100)
-            method = m["world"] + m["method"]
-            points[(r.task, method)][pct].append(statistics.mean(r.metrics.values()))
-    if not points:
+    shares = {int(m["pct"] or 100) for r in results if (m := METHOD.match(r.arm))}
+    draw = _draw_fractions if len(shares) > 1 else _draw_arms
+    panels = draw(results)
+    if not panels:
         return None
-    tasks = [t for t in TASK_ORDER if any(k[0] == t for k in points)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for method in sorted({k[1] for k in points if k[0] == task}):
-            series = points[(task, method)]
-            style = "o-" if method.endswith("cmal") else "s--"
-            xs = sorted(series)
-            means = [statistics.mean(series[x]) for x in xs]
-            errs = [statistics.stdev(series[x]) if len(series[x]) > 1 else 0 for x in xs]
-            ax.errorbar(xs, means, yerr=errs, fmt=style, capsize=3, label=method)
-        ax.set_title(task)
-        ax.set_xlabel("pre-training pairs (%)")
-        ax.set_ylabel("accuracy or mean recall (%), mean of splits")
-        ax.legend()
+    cols = len(panels) if draw is _draw_fractions else min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, paint) in zip(axes.flat, panels.items(), strict=False):
+        paint(ax)
+        ax.set_title(title)
+    for row in axes:
+        row[0].set_ylabel("accuracy or mean recall (%),\nmean of splits")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _draw_fractions(results: list[Result]) -> dict:
+    """Panel title -> a function drawing it: the arms without a variant, against the data
+    fraction."""
+    points = defaultdict(lambda: defaultdict(list))  # (task, method) -> pct -> values
+    for r in results:
+        m = METHOD.match(r.arm)
+        if m and not m["variant"] and r.metrics:
+            method = m["world"] + m["method"]
+            points[(r.task, method)][int(m["pct"] or 100)].append(
+                statistics.mean(r.metrics.values())
+            )
+
+    def paint(task: str):
+        def draw(ax) -> None:
+            for method in sorted({k[1] for k in points if k[0] == task}):
+                series = points[(task, method)]
+                xs = sorted(series)
+                means, errs = zip(*(_mean_sd(series[x]) for x in xs), strict=True)
+                style = "o-" if method.endswith("cmal") else "s--"
+                ax.errorbar(xs, means, yerr=errs, fmt=style, capsize=3, label=method)
+            ax.set_xlabel("pre-training pairs (%)")
+            ax.legend()
+
+        return draw
+
+    return {t: paint(t) for t in TASK_ORDER if any(k[0] == t for k in points)}
+
+
+def _draw_arms(results: list[Result]) -> dict:
+    """Panel title -> a function drawing it: one bar per arm (CMAL's arms in one colour,
+    the contrastive ones in another, a variant hatched)."""
+
+    def paint(arms: dict[str, list[float]]):
+        def draw(ax) -> None:
+            for x, (arm, values) in enumerate(arms.items()):
+                m = METHOD.match(arm)
+                mean, sd = _mean_sd(values)
+                ax.bar(x, mean, yerr=sd, capsize=3,
+                       color="C0" if m and m["method"] == "cmal" else "C1",
+                       hatch="//" if m and m["variant"] else None)  # fmt: skip
+            ax.set_xticks(range(len(arms)), list(arms), rotation=60, ha="right", fontsize=7)
+
+        return draw
+
+    def order(arm: str) -> tuple:  # each world's CMAL, its contrastive model, then variants
+        m = METHOD.match(arm)
+        return (m["world"], bool(m["variant"]), m["method"], arm) if m else ("~", arm)
+
+    return {
+        title: paint({arm: arms[arm] for arm in sorted(arms, key=order)})
+        for title, arms in _panels(results).items()
+    }

@@ -14,12 +14,16 @@ from cmal.cli.app import app, user_errors
 def report_cmd(
     runs: list[Path] = typer.Argument(..., help="Run folders (e.g. runs/claim-*)."),
     out: Path | None = typer.Option(None, help="Also write the tables to this Markdown file."),
-    plot: Path | None = typer.Option(None, help="PNG: metric vs pre-training data fraction."),
+    plot: Path | None = typer.Option(
+        None,
+        help="PNG: each task's metric vs the pre-training data fraction; where every arm "
+        "has all the pairs, every arm side by side.",
+    ),
 ) -> None:
     """A study's results: per task, arms x splits, mean ± std over seeds; CMAL against
     the contrastive baseline (win / tie / lose beyond two standard errors)."""
     from cmal.analysis.report import collect, markdown
-    from cmal.analysis.report import plot as plot_fraction
+    from cmal.analysis.report import plot as draw
 
     results = collect(runs)
     text = markdown(results)
@@ -28,8 +32,8 @@ def report_cmd(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     if plot:
-        made = plot_fraction(results, plot)
-        typer.echo(f"wrote {made}" if made else "no cmal/contrastive arms: no plot")
+        made = draw(results, plot)
+        typer.echo(f"wrote {made}" if made else "nothing to plot")
 
 
 @app.command("visualize")
