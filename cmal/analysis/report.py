@@ -325,36 +325,34 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def _draw_fractions(results: list[Result]) -> dict:
-    """Panel title -> a function drawing it: the arms without a variant, against the data
-    fraction."""
-    points = defaultdict(lambda: defaultdict(list))  # (task, method) -> pct -> values
-    for r in results:
-        m = METHOD.match(r.arm)
-        if m and not m["variant"] and r.metrics:
-            method = m["world"] + m["method"]
-            points[(r.task, method)][int(m["pct"] or 100)].append(
-                statistics.mean(r.metrics.values())
-            )
+    """Panel title -> a function drawing it: the arms without a variant, each method a
+    line against the data fraction."""
 
-    def paint(task: str):
+    def paint(arms: dict[str, list[float]]):
+        series: dict = defaultdict(dict)  # method -> pct -> values
+        for arm, values in arms.items():
+            m = METHOD.match(arm)
+            if m and not m["variant"]:
+                series[m["world"] + m["method"]][int(m["pct"] or 100)] = values
+
         def draw(ax) -> None:
-            for method in sorted({k[1] for k in points if k[0] == task}):
-                series = points[(task, method)]
-                xs = sorted(series)
-                means, errs = zip(*(_mean_sd(series[x]) for x in xs), strict=True)
+            for method in sorted(series):
+                xs = sorted(series[method])
+                means, errs = zip(*(_mean_sd(series[method][x]) for x in xs), strict=True)
                 style = "o-" if method.endswith("cmal") else "s--"
                 ax.errorbar(xs, means, yerr=errs, fmt=style, capsize=3, label=method)
             ax.set_xlabel("pre-training pairs (%)")
             ax.legend()
 
-        return draw
+        return draw if series else None
 
-    return {t: paint(t) for t in TASK_ORDER if any(k[0] == t for k in points)}
+    drawn = {title: paint(arms) for title, arms in _panels(results).items()}
+    return {title: draw for title, draw in drawn.items() if draw}
 
 
 def _draw_arms(results: list[Result]) -> dict:
     """Panel title -> a function drawing it: one bar per arm (CMAL's arms in one colour,
-    the contrastive ones in another, a variant hatched)."""
+    the contrastive ones in another, any other arm grey, a variant hatched)."""
 
     def paint(arms: dict[str, list[float]]):
         def draw(ax) -> None:
@@ -362,7 +360,7 @@ def _draw_arms(results: list[Result]) -> dict:
                 m = METHOD.match(arm)
                 mean, sd = _mean_sd(values)
                 ax.bar(x, mean, yerr=sd, capsize=3,
-                       color="C0" if m and m["method"] == "cmal" else "C1",
+                       color={"cmal": "C0", "contrastive": "C1"}.get(m and m["method"], "C7"),
                        hatch="//" if m and m["variant"] else None)  # fmt: skip
             ax.set_xticks(range(len(arms)), list(arms), rotation=60, ha="right", fontsize=7)
 
