@@ -277,14 +277,17 @@ def markdown(results: list[Result]) -> str:
 def _panels(results: list[Result]) -> dict[str, dict[str, list[float]]]:
     """Panel -> arm -> one value per seed, the mean of the run's splits; a task's
     zero-shot evaluation is a panel of its own (``<task> zero-shot``), in task order."""
-    panels: dict = defaultdict(lambda: defaultdict(list))
+    panels: dict = defaultdict(lambda: defaultdict(list))  # (task, zero-shot) -> arm -> values
     for r in results:
         if r.metrics:
             zero_shot = all(s.startswith(ZERO_SHOT) for s in r.metrics)
-            panel = f"{r.task} zero-shot" if zero_shot else r.task
-            panels[panel][r.arm].append(statistics.mean(r.metrics.values()))
-    order = {t: i for i, t in enumerate(TASK_ORDER)}
-    return dict(sorted(panels.items(), key=lambda kv: (order[kv[0].split()[0]], kv[0])))
+            panels[(r.task, zero_shot)][r.arm].append(statistics.mean(r.metrics.values()))
+    return {
+        f"{task} zero-shot" if zero_shot else task: panels[(task, zero_shot)]
+        for task in TASK_ORDER
+        for zero_shot in (False, True)
+        if (task, zero_shot) in panels
+    }
 
 
 def plot(results: list[Result], out: Path) -> Path | None:
